@@ -1,0 +1,169 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vla_ft.config import (
+    CONFIG_DIR,
+    Config,
+    apply_override,
+    config_from_dict,
+    load_config,
+    resolve_config_path,
+    save_config,
+)
+from vla_ft.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_bare_name_resolves_into_configs_dir():
+    assert resolve_config_path("pick_place.yaml") == CONFIG_DIR / "pick_place.yaml"
+    assert resolve_config_path("pick_place") == CONFIG_DIR / "pick_place.yaml"
+
+
+def test_base_inheritance_and_overrides():
+    cfg = load_config("pick_place.yaml", ["train.lr=3e-5", "model.pretrained=some/dir", "data.chunk=8"])
+    assert cfg.train.lr == pytest.approx(3e-5)
+    assert cfg.model.pretrained == "some/dir"
+    assert cfg.data.chunk == 8
+    # inherited from base.yaml
+    assert cfg.train.weight_decay == pytest.approx(0.01)
+    assert cfg.env.task == "pick_place"
+
+
+def test_child_overrides_nested_base_keys_without_dropping_siblings(tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  chunk: 7\n  history: 2\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ndata:\n  chunk: 3\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.data.chunk, cfg.data.history) == (3, 2)
+
+
+def test_unknown_override_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"train\.lrr.*train\.lr'"):
+        load_config("pick_place.yaml", ["train.lrr=1"])
+
+
+def test_unknown_yaml_key_suggests_closest(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.stepz.*'steps'"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match="tran"):
+        config_from_dict({"tran": {"lr": 1.0}})
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.lr=abc", r"train\.lr: expected float"),
+        ("train.steps=1.5", r"train\.steps: expected int"),
+        ("train.schedule=cosin", r"did you mean 'cosine'"),
+        ("train.lr=-1", r"train\.lr=-1"),
+        ("train.warmup_steps=5000", r"must not exceed train\.steps"),
+        ("train.grad_accum=3", r"must divide train\.batch_size"),
+        ("loss.action=l3", r"loss\.action: unknown value"),
+        ("data.paths=foo.hdf5", r"data\.paths: expected list"),
+        ("train.module_lr={visoin: 0.1}", r"vision, language"),
+    ],
+)
+def test_bad_values_are_one_clear_error(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("pick_place.yaml", [override])
+
+
+def test_int_widens_to_float_and_lists_parse():
+    cfg = load_config("pick_place.yaml", ["train.lr=1", "data.paths=[a.hdf5, b.hdf5]", "data.weights=[1, 3]"])
+    assert isinstance(cfg.train.lr, float)
+    assert cfg.data.paths == ["a.hdf5", "b.hdf5"]
+    assert cfg.data.weights == [1.0, 3.0]
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_override({}, "train.lr")
+
+
+def test_missing_config_file_names_it():
+    with pytest.raises(ConfigError, match="no_such.yaml.*not found"):
+        load_config("no_such.yaml")
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*line"):
+        load_config(bad)
+
+
+def test_inheritance_loop_is_an_error(tmp_path):
+    (tmp_path / "x.yaml").write_text("base: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "x.yaml")
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config("pick_place.yaml", ["train.lr=2e-5"])
+    path = save_config(cfg, tmp_path / "run")
+    again = config_from_dict(yaml.safe_load(path.read_text()))
+    assert again == cfg
+
+
+def test_peak_lr_from_scale():
+    cfg = load_config("pick_place.yaml", ["train.pretrain_lr=1e-3", "train.lr_scale=0.1"])
+    assert cfg.train.peak_lr == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="go together"):
+        load_config("pick_place.yaml", ["train.lr_scale=0.1"])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train.lrr=1"], "train.lrr"),
+        (["train.lr=abc"], "train.lr"),
+    ],
+)
+def test_finetune_script_bad_input_one_line_no_traceback(args, needle):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "finetune.py"), "--cfg", "pick_place.yaml", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0] and "Traceback" not in proc.stderr
+    if needle == "train.lrr":
+        assert "train.lr'" in lines[0]
+
+
+def test_finetune_script_missing_config_one_line():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "finetune.py"), "--cfg", "nope.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "nope.yaml" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["finetune.py", "evaluate.py", "collect_demos.py", "pretrain.py"])
+def test_scripts_have_help(script):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0
+    assert "--cfg" in proc.stdout and "key=value" in proc.stdout

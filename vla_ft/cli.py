@@ -1,0 +1,120 @@
+"""Command-line entry points: ``vla-ft finetune|evaluate|collect|pretrain --cfg NAME [key=value ...]``.
+
+The scripts in scripts/ call :func:`main` with their sub-command. This module only parses arguments,
+loads the config and calls the library; user errors (:class:`VLAFTError`) print one line to stderr
+and exit with status 2, any other exception keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from vla_ft.config import Config, load_config
+from vla_ft.errors import VLAFTError
+
+OVERRIDES_HELP = (
+    "dotted overrides applied after the YAML, e.g. train.lr=3e-5 model.pretrained=path/or/hub-id "
+    "data.paths=[a.hdf5,b.hdf5]; an unknown key is an error naming the closest valid one"
+)
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument(
+        "--cfg",
+        required=True,
+        help="config YAML: a path, or a bare name looked up in configs/ (e.g. pick_place.yaml)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    return p
+
+
+def _finetune(argv: Sequence[str]) -> int:
+    p = _parser("finetune", "Full-parameter fine-tuning of a pretrained VLA, with periodic sim evaluation.")
+    args = p.parse_args(argv)
+    cfg = load_config(args.cfg, args.overrides)
+    from vla_ft.train.finetune import run_finetune
+
+    run_finetune(cfg)
+    return 0
+
+
+def _pretrain(argv: Sequence[str]) -> int:
+    p = _parser("pretrain", "Train a base VLA from scratch on a multi-task demo suite (same loop as finetune).")
+    args = p.parse_args(argv)
+    cfg = load_config(args.cfg, args.overrides)
+    from vla_ft.train.finetune import run_finetune
+
+    run_finetune(cfg)
+    return 0
+
+
+def _evaluate(argv: Sequence[str]) -> int:
+    p = _parser("evaluate", "Roll a policy out in simulation and report success rates.")
+    p.add_argument("--ckpt", help="checkpoint directory (e.g. runs/<run>/best)")
+    p.add_argument(
+        "--policy",
+        choices=["checkpoint", "expert", "random"],
+        default="checkpoint",
+        help="score a checkpoint (default), the scripted expert (the ceiling) or uniform random actions",
+    )
+    args = p.parse_args(argv)
+    cfg = load_config(args.cfg, args.overrides)
+    if args.policy == "checkpoint" and not args.ckpt:
+        p.error("--ckpt DIR is required unless --policy expert|random")
+    from vla_ft.eval.run import run_evaluate
+
+    run_evaluate(cfg, ckpt=args.ckpt, policy=args.policy)
+    return 0
+
+
+def _collect(argv: Sequence[str]) -> int:
+    p = _parser("collect", "Collect scripted-expert demonstrations in MuJoCo into a robomimic/LIBERO HDF5.")
+    args = p.parse_args(argv)
+    cfg = load_config(args.cfg, args.overrides)
+    from vla_ft.data.collect import run_collect
+
+    run_collect(cfg)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "finetune": _finetune,
+    "evaluate": _evaluate,
+    "collect": _collect,
+    "pretrain": _pretrain,
+}
+
+
+def run_command(command: str, argv: Sequence[str]) -> int:
+    """Run one sub-command; user errors become one line on stderr and exit status 2."""
+    try:
+        return COMMANDS[command](argv)
+    except VLAFTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        names = "|".join(COMMANDS)
+        print(f"usage: vla-ft {{{names}}} --cfg NAME [key=value ...]", file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    return run_command(argv[0], argv[1:])
+
+
+def config_for(argv: Sequence[str]) -> Config:
+    """Parse ``--cfg NAME key=value ...`` into a Config (used by benchmark scripts)."""
+    p = _parser("vla-ft", "")
+    args, _ = p.parse_known_args(argv)
+    return load_config(args.cfg, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

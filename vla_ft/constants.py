@@ -1,0 +1,46 @@
+"""The batch vocabulary. No string batch key appears anywhere else in the code base.
+
+A batch is ``dict[str, Tensor]``; code never mutates a batch it receives. Shapes are given for a
+collated batch (leading ``B``); a single dataset sample has the same keys without ``B``.
+
+Inputs (written by ``vla_ft.data``, read by ``vla_ft.models``/``vla_ft.losses``):
+    IMAGES          uint8  (B, T, K, 3, H, W)  T = history length, K = cameras (order = image_keys)
+    STATE           float32 (B, T, S)          proprio, normalized, concatenated state_keys
+    INSTR_IDS       int64  (B, L)              instruction tokens (right-padded)
+    INSTR_MASK      int64  (B, L)              1 = real token, 0 = padding
+    ACTION          float32 (B, H, A)          action chunk t..t+H-1, normalized
+    ACTION_IS_PAD   bool   (B, H)              True where t+h is past the episode end
+    TASK_ID         int64  (B,)                index into the dataset's task list
+    PROGRESS        float32 (B,)               t / (T_episode - 1) in [0, 1]
+
+Outputs (written by ``VLAPolicy.forward``):
+    OUT_ACTION        float32 (B, H, A)        predicted chunk (normalized units)
+    OUT_ACTION_LOGITS float32 (B, H, A, NB)    binned-action head only
+    OUT_TASK_LOGITS   float32 (B, NT)          task-id classification
+    OUT_PROGRESS      float32 (B,)             progress regression
+    OUT_HIDDEN        float32 (B, N, D)        final hidden states (optional)
+"""
+
+IMAGES = "observation.images"
+STATE = "observation.state"
+INSTR_IDS = "instruction.input_ids"
+INSTR_MASK = "instruction.attention_mask"
+ACTION = "action"
+ACTION_IS_PAD = "action.is_pad"
+TASK_ID = "task.id"
+PROGRESS = "task.progress"
+
+INPUT_KEYS = (IMAGES, STATE, INSTR_IDS, INSTR_MASK, ACTION, ACTION_IS_PAD, TASK_ID, PROGRESS)
+
+OUT_ACTION = "pred.action"
+OUT_ACTION_LOGITS = "pred.action_logits"
+OUT_TASK_LOGITS = "pred.task_logits"
+OUT_PROGRESS = "pred.progress"
+OUT_HIDDEN = "pred.hidden"
+
+# Module names used for parameter-group metadata (discriminative / layer-wise learning rates).
+MODULE_VISION = "vision"
+MODULE_LANGUAGE = "language"
+MODULE_PROJECTOR = "projector"
+MODULE_HEADS = "heads"
+MODULES = (MODULE_VISION, MODULE_LANGUAGE, MODULE_PROJECTOR, MODULE_HEADS)

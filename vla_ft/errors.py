@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every error a user can cause with a bad file, key or value is a `VLAFTError` whose message names the
+file/key/value and says how to fix it. The CLI prints such errors as one line and exits non-zero;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class VLAFTError(Exception):
+    """Base class: a problem with the user's input (config, data file, checkpoint)."""
+
+
+class ConfigError(VLAFTError):
+    """A config file, key or value is wrong."""
+
+
+class DataError(VLAFTError):
+    """A dataset file is missing, malformed or inconsistent."""
+
+
+class CheckpointError(VLAFTError):
+    """A checkpoint directory is missing files or does not match the model/config."""
+
+
+class EnvError(VLAFTError):
+    """An environment/task name or argument is wrong."""
