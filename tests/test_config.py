@@ -163,7 +163,10 @@ def test_finetune_script_missing_config_one_line():
 @pytest.mark.parametrize("script", ["finetune.py", "evaluate.py", "collect_demos.py", "pretrain.py"])
 def test_scripts_have_help(script):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "scripts" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0
     assert "--cfg" in proc.stdout and "key=value" in proc.stdout

@@ -42,7 +42,9 @@ def _finetune(argv: Sequence[str]) -> int:
 
 
 def _pretrain(argv: Sequence[str]) -> int:
-    p = _parser("pretrain", "Train a base VLA from scratch on a multi-task demo suite (same loop as finetune).")
+    p = _parser(
+        "pretrain", "Train a base VLA from scratch on a multi-task demo suite (same loop as finetune)."
+    )
     args = p.parse_args(argv)
     cfg = load_config(args.cfg, args.overrides)
     from vla_ft.train.finetune import run_finetune

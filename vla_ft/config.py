@@ -52,7 +52,9 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check(self.shift >= 0, "data.augment.shift", self.shift, "use a pixel count >= 0")
-        _check(0.0 < self.crop_scale <= 1.0, "data.augment.crop_scale", self.crop_scale, "use a value in (0, 1]")
+        _check(
+            0.0 < self.crop_scale <= 1.0, "data.augment.crop_scale", self.crop_scale, "use a value in (0, 1]"
+        )
         _check(self.color_jitter >= 0.0, "data.augment.color_jitter", self.color_jitter, "use a value >= 0")
         _check(self.rotation_deg >= 0.0, "data.augment.rotation_deg", self.rotation_deg, "use degrees >= 0")
 
@@ -93,7 +95,9 @@ class DataConfig:
             )
         _check(self.history >= 1, "data.history", self.history, "use 1 or more frames")
         _check(self.chunk >= 1, "data.chunk", self.chunk, "use an action chunk of 1 or more steps")
-        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "use a value in [0, 1)")
+        _check(
+            0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "use a value in [0, 1)"
+        )
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more workers")
         _check(self.cache_budget_gb >= 0, "data.cache_budget_gb", self.cache_budget_gb, "use a size >= 0")
         if self.image_size is not None:
@@ -122,7 +126,9 @@ class CollectConfig:
         _check(self.workers >= 1, "collect.workers", self.workers, "use 1 or more")
         _check(self.action_noise >= 0, "collect.action_noise", self.action_noise, "use a std >= 0")
         _check(0 <= self.valid_fraction < 1, "collect.valid_fraction", self.valid_fraction, "use [0, 1)")
-        _check(self.max_attempts_factor >= 1, "collect.max_attempts_factor", self.max_attempts_factor, "use >= 1")
+        _check(
+            self.max_attempts_factor >= 1, "collect.max_attempts_factor", self.max_attempts_factor, "use >= 1"
+        )
 
 
 @dataclass
@@ -211,7 +217,12 @@ class LossConfig:
         _check(self.huber_delta > 0, "loss.huber_delta", self.huber_delta, "use a delta > 0")
         _check(0 <= self.label_smoothing < 1, "loss.label_smoothing", self.label_smoothing, "use [0, 1)")
         if self.dim_weights is not None:
-            _check(all(w >= 0 for w in self.dim_weights), "loss.dim_weights", self.dim_weights, "use weights >= 0")
+            _check(
+                all(w >= 0 for w in self.dim_weights),
+                "loss.dim_weights",
+                self.dim_weights,
+                "use weights >= 0",
+            )
         for name, w in self.task_terms.items():
             _check(
                 name in ("task_id", "progress"),
@@ -428,7 +439,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{key}: unknown value {value!r}{hint}; choose one of {', '.join(map(str, choices))}")
+            raise ConfigError(
+                f"{key}: unknown value {value!r}{hint}; choose one of {', '.join(map(str, choices))}"
+            )
         return value
     if origin is list:
         (arg,) = typing.get_args(tp) or (Any,)
@@ -498,7 +511,9 @@ def resolve_config_path(name: str | Path) -> Path:
         if cand.is_file():
             return cand
     known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file '{name}' not found (looked in . and {CONFIG_DIR}); known configs: {known}")
+    raise ConfigError(
+        f"config file '{name}' not found (looked in . and {CONFIG_DIR}); known configs: {known}"
+    )
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
