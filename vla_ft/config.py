@@ -70,6 +70,7 @@ class DataConfig:
     state_keys: list[str] | None = None  # None: the layout's default proprio keys
     action_key: str = "actions"
     instruction: str | None = None  # fallback when the file carries no language
+    instruction_max_tokens: int = 64  # instructions are padded/truncated to this many tokens
     image_size: int | None = None  # resize images to this square size (None: keep the file's)
     history: int = 1  # observation frames per sample (t-history+1 .. t)
     chunk: int = 4  # action chunk length H (t .. t+H-1)
@@ -93,6 +94,12 @@ class DataConfig:
                 self.weights,
                 f"give one positive weight per file in data.paths ({len(self.paths)})",
             )
+        _check(
+            self.instruction_max_tokens >= 1,
+            "data.instruction_max_tokens",
+            self.instruction_max_tokens,
+            "use 1 or more",
+        )
         _check(self.history >= 1, "data.history", self.history, "use 1 or more frames")
         _check(self.chunk >= 1, "data.chunk", self.chunk, "use an action chunk of 1 or more steps")
         _check(
