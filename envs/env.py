@@ -1,0 +1,206 @@
+"""``TabletopEnv``: one gymnasium env class for every task of the suite.
+
+Action (float32 (4,), documented in docs/envs.md): ``[dx, dy, dz, gripper]`` in [-1, 1]. The first
+three move the hand target by up to ``action_scale`` metres (default 2 cm) per control step relative
+to the current tool-centre point, clipped to the workspace box; the gripper maps linearly from
+-1 (fully open, 5 cm per finger) to +1 (closed). Values outside [-1, 1] are clipped; NaN/Inf raise
+:class:`InvalidActionError`. Control runs at ``control_hz`` (default 20 Hz) with 2 ms physics steps.
+
+Episodes end (``terminated``) on success or on a physics error (MuJoCo's bad-qpos/qvel/qacc
+warnings or a non-finite state: ``info["physics_error"] = True``); they are truncated at
+``max_steps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+
+from envs.errors import EnvError, InvalidActionError
+from envs.rendering import MultiCameraRenderer
+from envs.scene import LAYOUT_DIM, WORKSPACE_HI, WORKSPACE_LO, Sim, sample_layout
+from envs.tasks import GOAL_DIM, Goal
+
+ENV_VERSION = "0.1"
+VALID_CAMERAS = ("agentview", "wrist")
+FINGER_OPEN = 0.05
+_BAD_WARNINGS = (
+    mujoco.mjtWarning.mjWARN_BADQPOS,
+    mujoco.mjtWarning.mjWARN_BADQVEL,
+    mujoco.mjtWarning.mjWARN_BADQACC,
+)
+
+
+class TabletopEnv(gym.Env):
+    """Language-conditioned tabletop manipulation (see module docstring for the action space).
+
+    Args:
+        task: a name from ``envs.list_tasks()``.
+        image_size: square camera resolution in pixels.
+        cameras: any of ``("agentview", "wrist")``.
+        max_steps: episode length limit (None: the task's default).
+        render: render camera images into observations (False: proprio only, much faster).
+        control_hz: control frequency; physics substeps = 1 / (control_hz * 0.002).
+        action_scale: metres moved per unit of the xyz action per control step.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(
+        self,
+        task: str = "pick_place",
+        image_size: int = 64,
+        cameras: tuple[str, ...] | list[str] = VALID_CAMERAS,
+        max_steps: int | None = None,
+        render: bool = True,
+        control_hz: float = 20.0,
+        action_scale: float = 0.02,
+        render_mode: str | None = None,
+    ) -> None:
+        from envs.registry import get_task
+
+        self.task = get_task(task)
+        self.cameras = tuple(cameras)
+        bad = [c for c in self.cameras if c not in VALID_CAMERAS]
+        if bad or not self.cameras and render:
+            raise EnvError(
+                f"cameras={list(cameras)} is invalid: use a non-empty subset of {list(VALID_CAMERAS)}"
+            )
+        if image_size < 8:
+            raise EnvError(f"image_size={image_size} is invalid: use at least 8 px")
+        self.image_size = int(image_size)
+        self.max_steps = int(max_steps or self.task.max_steps)
+        self.control_hz = float(control_hz)
+        self.action_scale = float(action_scale)
+        self.render_mode = render_mode
+        self.sim = Sim()
+        self.n_substeps = max(1, int(round(1.0 / (self.control_hz * self.sim.model.opt.timestep))))
+        self._renderer = (
+            MultiCameraRenderer(self.sim.model, self.image_size, self.cameras) if render else None
+        )
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+        self.observation_space = self._obs_space(render)
+        self.goal: Goal | None = None
+        self.instruction = ""
+        self._steps = 0
+
+    def _obs_space(self, render: bool) -> gym.spaces.Dict:
+        s = self.image_size
+        spaces: dict[str, gym.Space] = {}
+        if render:
+            for cam in self.cameras:
+                spaces[f"{cam}_image"] = gym.spaces.Box(0, 255, shape=(s, s, 3), dtype=np.uint8)
+        spaces["ee_pos"] = gym.spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
+        spaces["gripper_qpos"] = gym.spaces.Box(0.0, FINGER_OPEN, shape=(2,), dtype=np.float32)
+        return gym.spaces.Dict(spaces)
+
+    # ----- gymnasium API -----------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Sample a layout and goal from the seed (or restore ``options["state"]``)."""
+        super().reset(seed=seed)
+        if options and options.get("state") is not None:
+            self.reset_to(options["state"])
+        else:
+            while True:  # tasks may reject a layout (push needs a clear corridor)
+                layout = sample_layout(self.np_random)
+                goal = self.task.sample_goal(layout, self.np_random)
+                if goal is not None:
+                    break
+            self.sim.apply_layout(layout)
+            self._set_goal(goal)
+        return self._obs(), self._info(False, False)
+
+    def reset_to(self, state: np.ndarray):
+        """Restore a state from :meth:`get_state` (goal, colors, poses); returns ``(obs, info)``."""
+        state = np.asarray(state, dtype=np.float64)
+        expected = GOAL_DIM + self.sim.state_dim
+        if state.shape != (expected,):
+            raise EnvError(f"state has shape {state.shape}; this env's get_state() gives ({expected},)")
+        self.sim.set_state(state[GOAL_DIM:])
+        self._set_goal(Goal.from_vector(state[:GOAL_DIM]))
+        return self._obs(), self._info(False, False)
+
+    def get_state(self) -> np.ndarray:
+        """Flat float64 ``[goal (4), layout, mj integration state]``."""
+        return np.concatenate([self.goal.to_vector(), self.sim.get_state()])
+
+    def step(self, action):
+        action = self._check_action(action)
+        d, m = self.sim.data, self.sim.model
+        target = np.clip(self.sim.tcp() + action[:3] * self.action_scale, WORKSPACE_LO, WORKSPACE_HI)
+        d.mocap_pos[self.sim.mocap_id] = target
+        d.ctrl[:] = FINGER_OPEN * (1.0 - action[3]) / 2.0
+        before = [d.warning[w].number for w in _BAD_WARNINGS]
+        mujoco.mj_step(m, d, nstep=self.n_substeps)
+        self._steps += 1
+        physics_error = any(d.warning[w].number > b for w, b in zip(_BAD_WARNINGS, before)) or not (
+            np.isfinite(d.qpos).all() and np.isfinite(d.qvel).all()
+        )
+        success = (not physics_error) and self.task.success(self.sim, self.sim.layout, self.goal)
+        obs = self._obs()
+        terminated = success or physics_error
+        truncated = (not terminated) and self._steps >= self.max_steps
+        return obs, float(success), terminated, truncated, self._info(success, physics_error)
+
+    def render(self):
+        if self._renderer is None or "agentview" not in self.cameras:
+            raise EnvError("render() needs render=True and the agentview camera")
+        return self._renderer.render(self.sim.data)["agentview"]
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+    # ----- helpers -----------------------------------------------------------------------
+    def _set_goal(self, goal: Goal) -> None:
+        self.goal = goal
+        self.instruction = self.task.instruction(self.sim.layout, goal)
+        self._steps = 0
+
+    def _check_action(self, action) -> np.ndarray:
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (4,):
+            raise InvalidActionError(
+                f"action has shape {np.shape(action)}: pass 4 values (dx, dy, dz, gripper)"
+            )
+        if not np.isfinite(a).all():
+            raise InvalidActionError(f"action {a.tolist()} contains NaN/Inf: check the policy output")
+        return np.clip(a, -1.0, 1.0)
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        obs: dict[str, np.ndarray] = {}
+        if self._renderer is not None:
+            for cam, img in self._renderer.render(self.sim.data).items():
+                obs[f"{cam}_image"] = img
+        obs["ee_pos"] = self.sim.tcp().astype(np.float32)
+        obs["gripper_qpos"] = np.clip(self.sim.fingers(), 0.0, FINGER_OPEN).astype(np.float32)
+        return obs
+
+    def _info(self, success: bool, physics_error: bool) -> dict[str, Any]:
+        return {
+            "is_success": bool(success),
+            "instruction": self.instruction,
+            "task": self.task.name,
+            "physics_error": bool(physics_error),
+        }
+
+    def env_args(self) -> dict[str, Any]:
+        """JSON-able description written into HDF5 ``data.attrs["env_args"]``."""
+        return {
+            "env_name": self.task.name,
+            "type": "vla_ft",
+            "env_version": ENV_VERSION,
+            "env_kwargs": {
+                "task": self.task.name,
+                "image_size": self.image_size,
+                "cameras": list(self.cameras),
+                "max_steps": self.max_steps,
+                "control_hz": self.control_hz,
+                "action_scale": self.action_scale,
+            },
+            "state_dim": GOAL_DIM + LAYOUT_DIM + self.sim.state_size,
+        }

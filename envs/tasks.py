@@ -1,0 +1,179 @@
+"""Tasks on the shared tabletop scene: goal sampler, instruction templates, success predicate.
+
+A goal is four integers ``(src, dst, aux, template)``: slot indices into ``scene.SLOTS`` (``dst``
+is -1 when unused), a task-specific extra (push direction) and the template index. Goals are part of
+the env state vector, so a stored state restores the instruction too.
+
+| task       | instruction (example)                       | success                                  |
+|------------|---------------------------------------------|------------------------------------------|
+| pick_place | put the red cube in the blue bowl           | cube inside the bowl, released            |
+| reach      | move the gripper above the green cylinder   | tcp within 2.5 cm of a point 6 cm above   |
+| lift       | pick up the yellow cube                     | object centre above 10 cm, held           |
+| push       | push the blue cube to the left              | cube moved >= 8 cm that way (image left) |
+| stack      | stack the red cube on the green cube        | cube resting on the other, released       |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.scene import BOWL_INNER_HALF, BOWLS, CUBES, MOVABLE, RADIUS, SLOTS, Layout, Sim
+
+GOAL_DIM = 4
+PUSH_DIRS = {0: ("left", -1.0), 1: ("right", 1.0)}  # image left = world -y (camera at +x)
+PUSH_DIST = 0.08  # displacement needed for push success (m)
+
+
+@dataclass(frozen=True)
+class Goal:
+    src: int
+    dst: int
+    aux: int
+    template: int
+
+    def to_vector(self) -> np.ndarray:
+        return np.array([self.src, self.dst, self.aux, self.template], dtype=np.float64)
+
+    @classmethod
+    def from_vector(cls, vec: np.ndarray) -> Goal:
+        src, dst, aux, template = (int(round(v)) for v in vec[:GOAL_DIM])
+        return cls(src, dst, aux, template)
+
+    @property
+    def src_slot(self) -> str:
+        return SLOTS[self.src]
+
+    @property
+    def dst_slot(self) -> str:
+        return SLOTS[self.dst]
+
+
+class Task:
+    """Base class: subclasses set ``name``, ``max_steps``, ``templates`` and implement the hooks."""
+
+    name: str = ""
+    max_steps: int = 150
+    templates: tuple[str, ...] = ()
+
+    def sample_goal(self, layout: Layout, rng: np.random.Generator) -> Goal | None:
+        """A goal for ``layout``, or None when the layout does not admit one (resample)."""
+        raise NotImplementedError
+
+    def instruction(self, layout: Layout, goal: Goal) -> str:
+        dst = layout.describe(goal.dst_slot) if goal.dst >= 0 else ""
+        direction = PUSH_DIRS.get(goal.aux, ("", 0))[0]
+        return self.templates[goal.template].format(
+            src=layout.describe(goal.src_slot), dst=dst, dir=direction
+        )
+
+    def success(self, sim: Sim, layout: Layout, goal: Goal) -> bool:
+        raise NotImplementedError
+
+    def _template(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(len(self.templates)))
+
+
+def _pick(rng: np.random.Generator, names: tuple[str, ...]) -> int:
+    return SLOTS.index(names[int(rng.integers(len(names)))])
+
+
+class PickPlace(Task):
+    name = "pick_place"
+    max_steps = 160
+    templates = (
+        "put the {src} in the {dst}",
+        "place the {src} into the {dst}",
+        "pick up the {src} and put it in the {dst}",
+    )
+
+    def sample_goal(self, layout, rng):
+        return Goal(_pick(rng, CUBES), _pick(rng, BOWLS), 0, self._template(rng))
+
+    def success(self, sim, layout, goal):
+        obj, bowl = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
+        inside = bool(np.all(np.abs(obj[:2] - bowl[:2]) < BOWL_INNER_HALF - 0.01))
+        return inside and obj[2] < 0.06 and sim.touching_fingers(goal.src_slot) == 0
+
+
+class Reach(Task):
+    name = "reach"
+    max_steps = 80
+    templates = ("move the gripper above the {src}", "reach for the {src}", "go to the {src}")
+    offset = np.array([0.0, 0.0, 0.06])
+
+    def sample_goal(self, layout, rng):
+        return Goal(_pick(rng, MOVABLE), -1, 0, self._template(rng))
+
+    def success(self, sim, layout, goal):
+        return bool(np.linalg.norm(sim.tcp() - (sim.pos(goal.src_slot) + self.offset)) < 0.025)
+
+
+class Lift(Task):
+    name = "lift"
+    max_steps = 100
+    templates = ("pick up the {src}", "lift the {src}", "raise the {src} off the table")
+
+    def sample_goal(self, layout, rng):
+        return Goal(_pick(rng, MOVABLE), -1, 0, self._template(rng))
+
+    def success(self, sim, layout, goal):
+        return sim.pos(goal.src_slot)[2] > 0.1 and sim.touching_fingers(goal.src_slot) > 0
+
+
+class Push(Task):
+    name = "push"
+    max_steps = 120
+    templates = ("push the {src} to the {dir}", "slide the {src} {dir}", "nudge the {src} to the {dir}")
+
+    def sample_goal(self, layout, rng):
+        options = [
+            (SLOTS.index(c), aux) for c in CUBES for aux in PUSH_DIRS if self._corridor_clear(layout, c, aux)
+        ]
+        if not options:
+            return None
+        src, aux = options[int(rng.integers(len(options)))]
+        return Goal(src, -1, aux, self._template(rng))
+
+    @staticmethod
+    def _corridor_clear(layout: Layout, cube: str, aux: int) -> bool:
+        """No other object in the strip the hand and cube sweep (from 10 cm behind to 20 cm ahead)."""
+        d = PUSH_DIRS[aux][1]
+        x0, y0 = layout.xy[SLOTS.index(cube)]
+        if abs(y0 + d * 0.15) > 0.36:
+            return False
+        for k, other in enumerate(SLOTS):
+            if other == cube:
+                continue
+            x, y = layout.xy[k]
+            along = (y - y0) * d
+            if abs(x - x0) < 0.04 + RADIUS[other] and -0.1 - RADIUS[other] < along < 0.2 + RADIUS[other]:
+                return False
+        return True
+
+    def success(self, sim, layout, goal):
+        y0 = layout.xy[goal.src, 1]
+        return bool((sim.pos(goal.src_slot)[1] - y0) * PUSH_DIRS[goal.aux][1] >= PUSH_DIST)
+
+
+class Stack(Task):
+    name = "stack"
+    max_steps = 160
+    templates = (
+        "stack the {src} on the {dst}",
+        "put the {src} on top of the {dst}",
+        "place the {src} on the {dst}",
+    )
+
+    def sample_goal(self, layout, rng):
+        src, dst = rng.choice(len(CUBES), size=2, replace=False)
+        return Goal(SLOTS.index(CUBES[src]), SLOTS.index(CUBES[dst]), 0, self._template(rng))
+
+    def success(self, sim, layout, goal):
+        top, bottom = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
+        aligned = np.linalg.norm(top[:2] - bottom[:2]) < 0.025 and 0.04 < top[2] - bottom[2] < 0.06
+        return bool(aligned and sim.touching_fingers(goal.src_slot) == 0)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (PickPlace(), Reach(), Lift(), Push(), Stack())}
