@@ -351,6 +351,8 @@ class EvalConfig:
     temporal_ensemble: float | None = None  # exponential weight for temporal ensembling (None: off)
     video: int = 0  # videos to save of each outcome (successes and failures)
     out_dir: str | None = None  # None: <run dir>/eval
+    num_envs: int = 8  # concurrent episodes (policy batch), split over workers; results don't depend on workers
+    worker_timeout_s: float = 300.0  # a worker silent this long counts as crashed (its episodes fail)
 
     def __post_init__(self) -> None:
         _check(self.episodes >= 1, "eval.episodes", self.episodes, "use 1 or more")
@@ -358,6 +360,8 @@ class EvalConfig:
         if self.replan_every is not None:
             _check(self.replan_every >= 1, "eval.replan_every", self.replan_every, "use 1 or more, or null")
         _check(self.video >= 0, "eval.video", self.video, "use 0 or more")
+        _check(self.num_envs >= 1, "eval.num_envs", self.num_envs, "use 1 or more concurrent episodes")
+        _check(self.worker_timeout_s > 0, "eval.worker_timeout_s", self.worker_timeout_s, "use seconds > 0")
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""Evaluation reports: ``eval.json`` (episodes, scores, reproducibility manifest), ``eval.md`` and wandb."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from vla_ft.config import REPO_ROOT
+
+PACKAGES = ("numpy", "torch", "mujoco", "gymnasium", "vla-ft", "transformers", "timm", "metaworld")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository holding this package, with ``+dirty`` when the tree has changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hash(ckpt: str | Path | None) -> str | None:
+    """sha256 of ``<ckpt>/model.safetensors`` (None without a checkpoint)."""
+    if ckpt is None:
+        return None
+    weights = Path(ckpt) / "model.safetensors"
+    return file_sha256(weights) if weights.is_file() else None
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def build_manifest(
+    env_cfg: Any, eval_cfg: Any, episodes: int, policy_name: str, obs_spec: Any, ckpt: str | Path | None
+) -> dict[str, Any]:
+    """Everything needed to rerun this evaluation and get the same episodes."""
+    versions = {"python": platform.python_version()}
+    versions.update({pkg: _version(pkg) for pkg in PACKAGES})
+    return {
+        "versions": versions,
+        "git_commit": git_commit(),
+        "command": sys.argv,
+        "policy": policy_name,
+        "checkpoint": str(ckpt) if ckpt is not None else None,
+        "checkpoint_sha256": checkpoint_hash(ckpt),
+        "episodes": episodes,
+        "seed": eval_cfg.seed,
+        "seeds": [eval_cfg.seed, eval_cfg.seed + episodes - 1],  # episode i: seed + i (inclusive range)
+        "max_steps": eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps,
+        "image_size": env_cfg.image_size,
+        "replan_every": eval_cfg.replan_every,
+        "temporal_ensemble": eval_cfg.temporal_ensemble,
+        "num_envs": eval_cfg.num_envs,
+        "env": _plain(env_cfg),
+        "obs_preprocessing": _plain(obs_spec) if obs_spec is not None else None,
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _row(name: str, g: dict[str, Any]) -> str:
+    lo, hi = g["ci95"]
+    steps = g["mean_steps_to_success"]
+    steps_s = f"{steps:.1f}" if steps is not None else "-"
+    fails = ", ".join(f"{k}: {v}" for k, v in g["failure_reasons"].items()) or "-"
+    return (
+        f"| {name} | {g['successes']}/{g['episodes']} | {_pct(g['success_rate'])} | "
+        f"[{_pct(lo)}, {_pct(hi)}] | {steps_s} | {fails} |"
+    )
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``eval.md``: overall, per-task and per-instruction tables."""
+    head = "| group | successes | rate | 95% CI (Wilson) | mean steps to success | failures |"
+    sep = "|---|---|---|---|---|---|"
+    m = report["manifest"]
+    lines = [
+        f"# Evaluation: {m['policy']}",
+        "",
+        f"{m['episodes']} episodes, seeds {m['seeds'][0]}..{m['seeds'][1]}, max_steps {m['max_steps']}, "
+        f"image {m['image_size']} px, commit {m['git_commit']}, checkpoint sha256 {m['checkpoint_sha256']}",
+        "",
+        head,
+        sep,
+        _row("**all**", report["overall"]),
+    ]
+    for title, key in (("task", "per_task"), ("instruction", "per_instruction")):
+        lines += ["", f"## Per {title}", "", head, sep]
+        lines += [_row(name.replace("|", "/"), g) for name, g in report[key].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``eval.json`` and ``eval.md`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "eval.json", out_dir / "eval.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
+
+
+def log_wandb(
+    report: dict[str, Any], videos: list[str], prefix: str = "eval", step: int | None = None
+) -> bool:
+    """Log to the active wandb run, if any (the trainer owns the run; this never starts one).
+
+    Returns:
+        True when something was logged.
+    """
+    wandb = sys.modules.get("wandb")  # not imported: no run can be active
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return False
+    o = report["overall"]
+    table = wandb.Table(columns=["episode", "seed", "task", "instruction", "success", "steps", "reason"])
+    for e in report["episodes"]:
+        table.add_data(
+            e["index"], e["seed"], e["task"], e["instruction"], e["success"], e["steps"], e["reason"]
+        )
+    data: dict[str, Any] = {
+        f"{prefix}/success_rate": o["success_rate"],
+        f"{prefix}/ci95_low": o["ci95"][0],
+        f"{prefix}/ci95_high": o["ci95"][1],
+        f"{prefix}/episodes_table": table,
+    }
+    for task, g in report["per_task"].items():
+        data[f"{prefix}/success_rate/{task}"] = g["success_rate"]
+    for path in videos:
+        data[f"{prefix}/video/{Path(path).stem}"] = wandb.Video(str(path), format="mp4")
+    wandb.log(data, step=step)
+    return True

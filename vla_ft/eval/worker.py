@@ -1,0 +1,179 @@
+"""The rollout worker: a spawned process that owns a few envs and steps them on request.
+
+Protocol (over one ``multiprocessing`` pipe; every request gets exactly one reply):
+
+* on start: ``("ready", spec)`` with ``action_dim``, ``action_low``/``action_high``, ``obs_keys``.
+* ``("reset", [(slot, index, seed), ...])`` -> ``("obs", [(slot, obs, instruction, task), ...])``.
+* ``("step", [(slot, actions (k, A) | None, k), ...])`` -> ``("obs", [(slot, obs, done), ...])``:
+  executes up to ``k`` actions open-loop (``None``: the in-worker expert acts at every step) and stops
+  early when the episode ends; ``done`` is None or ``{success, steps, reason, frames}``.
+* ``("close",)`` -> the worker closes its envs and exits.
+
+Observations sent back are the last ``history`` frames stacked on a leading T axis when
+``history > 1``, else a single frame. A Python exception in a worker is a bug in the env or the
+policy's actions: the worker replies ``("error", traceback)`` and the evaluator raises it.
+
+This module must not import torch: workers only run the simulator.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import traceback
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from vla_ft.eval.scoring import REASON_PHYSICS, REASON_SUCCESS, REASON_TERMINATED, REASON_TIMEOUT
+
+# Test hook: the worker that is asked to reset episode number N kills itself with SIGKILL.
+CRASH_ENV_VAR = "VLA_FT_EVAL_CRASH_AT_EPISODE"
+HARD_STEP_CAP = 10_000  # safety net for envs that never truncate
+
+
+def make_env(env_cfg: Any, max_steps: int | None, render: bool = True) -> Any:
+    """Build the env an ``env`` config section describes (this suite or a gymnasium id)."""
+    if env_cfg.type == "gym":
+        from vla_ft.eval.gym_adapter import GymAdapter
+
+        return GymAdapter(env_cfg, max_steps=max_steps, render=render)
+    import envs
+
+    return envs.make(
+        env_cfg.task,
+        image_size=env_cfg.image_size,
+        cameras=tuple(env_cfg.cameras),
+        max_steps=max_steps,
+        render=render,
+    )
+
+
+class _Slot:
+    """One env and the episode running in it."""
+
+    def __init__(self, env: Any, history: int, record: bool) -> None:
+        self.env = env
+        self.history = history
+        self.record = record
+        self.frames: deque = deque(maxlen=history)
+        self.video: list[dict[str, np.ndarray]] = []
+        self.expert: Any = None
+        self.obs: dict[str, np.ndarray] = {}
+        self.steps = 0
+        self.limit = HARD_STEP_CAP
+
+    def push(self, obs: dict[str, np.ndarray]) -> None:
+        self.obs = obs
+        self.frames.append(obs)
+        if self.record:
+            self.video.append({k: v for k, v in obs.items() if np.ndim(v) == 3})
+
+    def model_obs(self) -> dict[str, np.ndarray]:
+        if self.history == 1:
+            return self.obs
+        frames = list(self.frames)
+        frames = [frames[0]] * (self.history - len(frames)) + frames  # pad by repeating the first
+        return {k: np.stack([f[k] for f in frames]) for k in self.obs}  # (T, ...)
+
+
+def _episode_limit(env: Any, max_steps: int | None) -> int:
+    if max_steps is not None:
+        return max_steps
+    spec = getattr(env, "spec", None)
+    limit = getattr(spec, "max_episode_steps", None) if spec is not None else None
+    return int(limit) if limit else HARD_STEP_CAP
+
+
+def _reset(slot: _Slot, index: int, seed: int, expert: Any, max_steps: int | None):
+    if os.environ.get(CRASH_ENV_VAR) == str(index):
+        os.kill(os.getpid(), signal.SIGKILL)
+    obs, info = slot.env.reset(seed=seed)
+    slot.video = []
+    slot.frames.clear()
+    slot.steps = 0
+    slot.limit = _episode_limit(slot.env, max_steps)
+    slot.push(obs)
+    if expert is not None:
+        import envs
+
+        slot.expert = envs.make_expert(slot.env, noise=expert.noise, seed=seed)
+        slot.expert.reset()
+    instruction = info.get("instruction") or getattr(slot.env.unwrapped, "instruction", "") or ""
+    task = info.get("task") or getattr(slot.env.unwrapped, "task", "") or ""
+    return slot.model_obs(), str(instruction), str(task)
+
+
+def _step(slot: _Slot, actions: np.ndarray | None, k: int) -> dict[str, Any] | None:
+    for j in range(k):
+        act = slot.expert.act(slot.obs) if actions is None else actions[j]
+        obs, _, terminated, truncated, info = slot.env.step(np.asarray(act, dtype=np.float32))
+        slot.steps += 1
+        slot.push(obs)
+        reason = None
+        if info.get("is_success", False):
+            reason = REASON_SUCCESS
+        elif info.get("physics_error", False):
+            reason = REASON_PHYSICS
+        elif terminated:
+            reason = REASON_TERMINATED
+        elif truncated or slot.steps >= slot.limit:
+            reason = REASON_TIMEOUT
+        if reason is not None:
+            frames = None
+            if slot.record:
+                frames = {
+                    key: np.stack([f[key] for f in slot.video]) for key in slot.video[0]
+                }  # (T, H, W, 3)
+            slot.video = []
+            return {
+                "success": reason == REASON_SUCCESS,
+                "steps": slot.steps,
+                "reason": reason,
+                "frames": frames,
+            }
+    return None
+
+
+def worker_main(conn: Any, env_cfg: Any, max_steps: int | None, slots: list[int], options: dict) -> None:
+    """Entry point of a spawned worker (see the module docstring for the protocol)."""
+    envs_by_slot: dict[int, _Slot] = {}
+    try:
+        for s in slots:
+            env = make_env(env_cfg, max_steps, render=True)
+            envs_by_slot[s] = _Slot(env, options["history"], options["record"])
+        env = envs_by_slot[slots[0]].env
+        probe, _ = env.reset(seed=0)
+        conn.send(
+            (
+                "ready",
+                {
+                    "action_dim": int(np.prod(env.action_space.shape)),
+                    "action_low": np.asarray(env.action_space.low, dtype=np.float32).reshape(-1),
+                    "action_high": np.asarray(env.action_space.high, dtype=np.float32).reshape(-1),
+                    "obs_keys": sorted(probe),
+                },
+            )
+        )
+        expert = options["expert"]
+        while True:
+            msg = conn.recv()
+            if msg[0] == "close":
+                break
+            if msg[0] == "reset":
+                out = [(s, *_reset(envs_by_slot[s], i, seed, expert, max_steps)) for s, i, seed in msg[1]]
+            elif msg[0] == "step":
+                out = []
+                for s, actions, k in msg[1]:
+                    done = _step(envs_by_slot[s], actions, k)
+                    out.append((s, envs_by_slot[s].model_obs(), done))
+            else:
+                raise ValueError(f"unknown worker request {msg[0]!r}")
+            conn.send(("obs", out))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        for slot in envs_by_slot.values():
+            slot.env.close()
+        conn.close()
