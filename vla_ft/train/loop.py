@@ -1,0 +1,255 @@
+"""The full-parameter training loop, readable top to bottom in :func:`fit`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+
+from vla_ft.config import Config
+from vla_ft.data.sampler import ResumableSampler
+from vla_ft.errors import VLAFTError
+from vla_ft.losses import ActionTaskLoss
+from vla_ft.train import checkpoint as ckpt_io
+from vla_ft.train.logging import RunLogger
+from vla_ft.train.optim import apply_unfreezing, build_optimizer, build_param_groups, build_scheduler
+from vla_ft.train.step import autocast, to_device, train_step, validate
+
+
+class TrainingDiverged(VLAFTError):
+    """The loss stayed NaN/Inf for ``train.max_bad_steps`` consecutive steps."""
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    step: int
+    best_metric: float | None
+    best_step: int | None
+    stopped_early: bool
+    skipped_steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new > old if metric == "success_rate" else new < old
+
+
+def make_loader(
+    ds, batch_size: int, sampler, num_workers: int, device: torch.device, seed: int
+) -> DataLoader:
+    """A DataLoader whose order comes from ``sampler`` and which never draws from the global RNG."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=sampler is not None,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=getattr(ds, "worker_init_fn", None),
+    )
+
+
+def fit(
+    cfg: Config,
+    policy: nn.Module,
+    param_info: dict,
+    train_ds,
+    val_ds,
+    run_dir: Path,
+    device: torch.device,
+    precision: str,
+    augment: Callable | None = None,
+    evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    resume: tuple[dict, dict] | None = None,
+    sample_weights: torch.Tensor | None = None,
+    loss_kwargs: dict | None = None,
+) -> FitResult:
+    """Train every parameter of ``policy`` for ``cfg.train.steps`` optimizer steps.
+
+    Args:
+        cfg: the run config.
+        policy: the VLA on ``device``; every parameter trainable unless ``model.freeze`` says otherwise.
+        param_info: name -> ParamInfo(module, depth, num_layers), for LR groups and unfreezing.
+        train_ds, val_ds: datasets of batch-vocabulary samples (val_ds may be None).
+        run_dir: where checkpoints, metrics and plots go.
+        device, precision: resolved device and ``fp32|bf16|fp16``.
+        augment: callable(batch) -> new batch, applied to training micro-batches only.
+        evaluate_fn: callable(policy, step) -> metrics with ``success_rate`` (simulation evaluation).
+        resume: (json state, tensors) from :func:`checkpoint.load_training_state`, or None.
+        sample_weights: per-sample sampling weights (multi-file mixing), or None for uniform.
+        loss_kwargs: extra arguments for :class:`ActionTaskLoss` (head, bins, gripper_zero).
+    """
+    tc = cfg.train
+    micro = tc.batch_size // tc.grad_accum
+    amp = lambda: autocast(device, precision)  # noqa: E731
+
+    loss_fn = ActionTaskLoss(cfg.loss, **(loss_kwargs or {})).to(device)
+    groups = build_param_groups(policy, param_info, tc)
+    optimizer = build_optimizer(groups, tc, device)
+    scheduler = build_scheduler(optimizer, tc)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = (
+        AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True) if tc.ema else None
+    )
+    model = torch.compile(policy) if tc.compile else policy
+    sampler = ResumableSampler(len(train_ds), cfg.seed, sample_weights)
+    val_loader = make_loader(val_ds, micro, None, cfg.data.num_workers, device, cfg.seed) if val_ds else None
+
+    step, epoch, pos, skipped, bad_in_row = 0, 0, 0, 0, 0
+    best, best_step, stale, history = None, None, 0, []
+    wandb_id = None
+    if resume is not None:
+        state, tensors = resume
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        if "scaler" in tensors:
+            scaler.load_state_dict(tensors["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(policy.state_dict())  # the policy was loaded with EMA weights
+            ema.n_averaged.fill_(state["ema_n_averaged"])
+            policy.load_state_dict(tensors["raw_model"])
+        step, epoch, pos, skipped = state["step"], state["epoch"], state["pos"], state["skipped"]
+        best, best_step, stale, history = state["best"], state["best_step"], state["stale"], state["history"]
+        wandb_id = state.get("wandb_id")
+        torch.set_rng_state(tensors["rng"]["torch"])
+        if augment is not None and hasattr(augment, "generator"):
+            augment.generator.set_state(tensors["rng"]["augment"])
+        if device.type == "cuda" and "cuda" in tensors["rng"]:
+            torch.cuda.set_rng_state(tensors["rng"]["cuda"], device)
+
+    logger = RunLogger(cfg, run_dir, tc.steps, start_step=step, wandb_id=wandb_id)
+    eval_model = lambda: ema.module if ema is not None else policy  # noqa: E731
+
+    saved: dict[int, Path] = {}
+
+    def save(tag_best: bool = False) -> Path:
+        if step in saved and saved[step].exists():  # already written at this step (e.g. as best)
+            if tag_best:
+                ckpt_io.point_link(run_dir / "best", saved[step])
+            return saved[step]
+        rng = {"torch": torch.get_rng_state()}
+        if augment is not None and hasattr(augment, "generator"):
+            rng["augment"] = augment.generator.get_state()
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {
+            "step": step, "epoch": epoch, "pos": pos, "skipped": skipped, "best": best,
+            "best_step": best_step, "stale": stale, "history": history, "wandb_id": logger.wandb_id,
+            "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+        }  # fmt: skip
+        tensors = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": rng,
+        }
+        raw = {k: v for k, v in policy.state_dict().items()} if ema is not None else None
+        path = ckpt_io.save_checkpoint(run_dir, step, eval_model().save_pretrained, state, tensors, raw)
+        saved[step] = path
+        if tag_best:
+            ckpt_io.point_link(run_dir / "best", path)
+        ckpt_io.prune_checkpoints(run_dir, tc.keep_last)
+        return path
+
+    def track(metric_name: str, value: float) -> bool:
+        """Update best/patience for the configured metric; True when training should stop."""
+        nonlocal best, best_step, stale
+        if metric_name != tc.best_metric or not math.isfinite(value):
+            return False
+        if _better(metric_name, value, best):
+            best, best_step, stale = value, step, 0
+            save(tag_best=True)
+            return False
+        stale += 1
+        return tc.patience is not None and stale >= tc.patience
+
+    trainable = apply_unfreezing(policy, param_info, step, tc.unfreeze_steps)
+    total = sum(p.numel() for p in policy.parameters())
+    print(f"[vla-ft] trainable parameters: {trainable:,} / {total:,} ({100.0 * trainable / total:.1f}%)")
+    policy.train()
+    stopped_early = False
+    data_wait = step_time = 0.0
+    batches = None
+    while step < tc.steps and not stopped_early:
+        t0 = time.perf_counter()
+        if tc.unfreeze_steps:
+            apply_unfreezing(policy, param_info, step, tc.unfreeze_steps)
+        micro_batches = []
+        for _ in range(tc.grad_accum):
+            if batches is None:
+                sampler.set_position(epoch, pos)
+                batches = iter(make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed))
+            batch = next(batches, None)
+            if batch is None:  # epoch finished
+                epoch, pos, batches = epoch + 1, 0, None
+                sampler.set_position(epoch, pos)
+                batches = iter(make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed))
+                batch = next(batches)
+            pos += micro
+            micro_batches.append(to_device(batch, device))
+        t_data = time.perf_counter() - t0
+
+        metrics, stepped = train_step(
+            model, loss_fn, micro_batches, optimizer, scaler, amp, tc.grad_clip, augment
+        )
+        if stepped:
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(policy)
+            bad_in_row = 0
+        elif not scaler.is_enabled():
+            skipped, bad_in_row = skipped + 1, bad_in_row + 1
+            if bad_in_row >= tc.max_bad_steps:
+                path = save()
+                logger.close()
+                raise TrainingDiverged(
+                    f"loss or gradient was NaN/Inf for {bad_in_row} consecutive steps at step {step + 1}; "
+                    f"the last good weights are saved in {path}. Lower train.lr (now {tc.peak_lr:g}), "
+                    f"lengthen train.warmup_steps or set train.grad_clip"
+                )
+        step += 1
+        data_wait += t_data
+        step_time += time.perf_counter() - t0
+
+        if step % cfg.log.every == 0 or step == tc.steps:
+            row = {k: float(v) for k, v in metrics.items()}
+            row["lr"] = optimizer.param_groups[-1]["lr"]
+            row["samples_per_s"] = cfg.log.every * tc.batch_size / max(step_time, 1e-9)
+            row["data_wait_share"] = data_wait / max(step_time, 1e-9)
+            row["skipped_steps"] = skipped
+            if device.type == "cuda":
+                row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            logger.log(step, "train", row)
+            logger.progress(step, {"loss": row["loss"], "lr": row["lr"], "gnorm": row["grad_norm"]})
+            data_wait = step_time = 0.0
+
+        if val_loader is not None and tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
+            val = validate(eval_model(), loss_fn, val_loader, device, amp)
+            logger.log(step, "val", val)
+            history.append({"step": step, "val_loss": val["loss"]})
+            stopped_early |= track("val_loss", val["loss"])
+        if evaluate_fn is not None and tc.eval_every and step % tc.eval_every == 0:
+            result = evaluate_fn(eval_model(), step)
+            logger.log(step, "eval", result)
+            history.append({"step": step, "success_rate": result["success_rate"]})
+            stopped_early |= track("success_rate", result["success_rate"])
+        if (tc.save_every and step % tc.save_every == 0) or step == tc.steps or stopped_early:
+            save()
+
+    logger.close()
+    if best_step is None:  # no metric was ever computed: the last checkpoint is the best we know
+        ckpt_io.point_link(run_dir / "best", (run_dir / "last").resolve())
+    return FitResult(run_dir, step, best, best_step, stopped_early, skipped, history)

@@ -1,0 +1,144 @@
+"""AdamW parameter groups and learning-rate schedules.
+
+Groups follow the fine-tuning recipe in ../shared/SEEDS.md:
+
+* no weight decay for biases, normalization weights, embeddings and learned tokens;
+* discriminative learning rates: ``train.module_lr`` multiplies the peak LR per module
+  (vision, language, projector, heads);
+* layer-wise LR decay across both backbones, treated as one stack from the output down:
+  heads and the top language layer get ``decay^0``, lower language layers ``decay^1, decay^2, ...``,
+  then the projector, then the vision layers from the top stage down. A layer ``d`` steps from the
+  top gets ``lr * decay^d`` (the seed formula ``base_lr * decay^(N - i - 1)`` for layer i of N).
+
+Schedules come from transformers: warmup then cosine (with an optional floor), warmup then linear
+decay to zero (the seed formula), or warmup then constant. ``LambdaLR`` multiplies each group's own
+initial LR, so per-group ratios hold at every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.optimization import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from vla_ft import constants as K
+from vla_ft.config import TrainConfig
+
+_NO_DECAY_NAME_PARTS = ("bias", "norm", "embed", "pos_emb", "query", "cls_token", "_token")
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    module: str
+    depth_from_top: int
+    decay: bool
+
+
+def depth_from_top(info: dict, name: str) -> int:
+    """Depth of parameter ``name`` from the top of the joint stack (0 = next to the output)."""
+    pi = info[name]
+    lang_layers = max((p.num_layers for p in info.values() if p.module == K.MODULE_LANGUAGE), default=0)
+    own = max(pi.num_layers - 1 - pi.depth, 0)
+    if pi.module == K.MODULE_HEADS:
+        return 0
+    if pi.module == K.MODULE_LANGUAGE:
+        return own
+    if pi.module == K.MODULE_PROJECTOR:
+        return lang_layers
+    return lang_layers + 1 + own  # vision
+
+
+def uses_weight_decay(name: str, param: nn.Parameter, embedding_params: set[str]) -> bool:
+    """Weight decay only for matrices/kernels that are not embeddings, norms or learned tokens."""
+    if param.ndim < 2 or name in embedding_params:
+        return False
+    leaf = name.lower()
+    return not any(part in leaf for part in _NO_DECAY_NAME_PARTS)
+
+
+def _embedding_param_names(model: nn.Module) -> set[str]:
+    names = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            for p_name, _ in mod.named_parameters(recurse=False):
+                names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return names
+
+
+def build_param_groups(model: nn.Module, info: dict, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: one per (module, depth from top, decay) with its own ``lr``.
+
+    Args:
+        model: the policy.
+        info: ``param_info(model)``: name -> ParamInfo(module, depth, num_layers) for every parameter.
+        cfg: the train section (peak lr, weight decay, module multipliers, layer decay).
+
+    Every parameter lands in exactly one group, trainable or not (progressive unfreezing toggles
+    ``requires_grad`` later; AdamW skips parameters without gradients).
+    """
+    embedding = _embedding_param_names(model)
+    groups: dict[GroupKey, list] = {}
+    names: dict[GroupKey, list[str]] = {}
+    for name, param in model.named_parameters():
+        if name not in info:
+            raise KeyError(f"param_info has no entry for parameter '{name}'")
+        key = GroupKey(
+            info[name].module, depth_from_top(info, name), uses_weight_decay(name, param, embedding)
+        )
+        groups.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
+    out = []
+    for key in sorted(groups, key=lambda k: (k.module, k.depth_from_top, k.decay)):
+        lr = cfg.peak_lr * cfg.module_lr.get(key.module, 1.0) * cfg.layer_decay**key.depth_from_top
+        out.append(
+            {
+                "params": groups[key],
+                "param_names": names[key],
+                "lr": lr,
+                "weight_decay": cfg.weight_decay if key.decay else 0.0,
+                "module": key.module,
+                "depth_from_top": key.depth_from_top,
+            }
+        )
+    return out
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (fused on CUDA) over the groups; group metadata keys stay in ``param_groups``."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then ``cfg.schedule`` (cosine | linear | constant) over ``cfg.steps`` optimizer steps."""
+    if cfg.schedule == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio
+        )
+    if cfg.schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+
+
+def apply_unfreezing(model: nn.Module, info: dict, step: int, unfreeze_steps: int) -> int:
+    """Progressive unfreezing: at ``step`` of ``unfreeze_steps`` the top ``int(step/unfreeze_steps*N)``
+    layers of the joint stack are trainable; the heads always are. Returns the trainable count."""
+    if unfreeze_steps <= 0:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    depths = {name: depth_from_top(info, name) for name in info}
+    total = max(depths.values()) + 1
+    open_layers = int(min(step / unfreeze_steps, 1.0) * total)
+    count = 0
+    for name, param in model.named_parameters():
+        trainable = (
+            info[name].module == K.MODULE_HEADS or depths[name] < open_layers or step >= unfreeze_steps
+        )
+        param.requires_grad_(trainable)
+        count += param.numel() if trainable else 0
+    return count
