@@ -1,0 +1,206 @@
+"""``build_datasets``: config -> (train dataset, val dataset, DatasetInfo).
+
+Steps: scan every file (checks + low-dim arrays), split each file by demo (``mask/`` filter keys or
+a seeded random split), fit the normalizer on the training demos' actions and state, number the
+tasks, tokenize each distinct instruction once, decide image caching from the RAM budget, and
+build the two :class:`~vla_ft.data.trajectory.TrajectoryDataset` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vla_ft.config import DataConfig
+from vla_ft.data.normalize import Normalizer
+from vla_ft.data.reader import FileScan, scan_file
+from vla_ft.data.trajectory import Tokens, TrajectoryDataset
+from vla_ft.data.transforms import ObsSpec
+from vla_ft.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetInfo:
+    """What the model and trainer need to know about the data."""
+
+    action_dim: int
+    state_dim: int
+    image_keys: list[str]
+    state_keys: list[str]
+    image_size: tuple[int, int]  # (H, W) of IMAGES in a sample
+    history: int
+    chunk: int
+    task_names: list[str]  # task id = index
+    normalizer: Normalizer
+    num_train_demos: int
+    num_val_demos: int
+    num_train_samples: int
+    instructions: list[str] | None = None  # distinct instructions (train + val)
+
+    def obs_spec(self) -> ObsSpec:
+        """The ObsSpec the policy uses at inference (same as the dataset's)."""
+        return ObsSpec(tuple(self.image_keys), tuple(self.state_keys), self.image_size, self.history)
+
+
+def split_demos(
+    scan: FileScan, cfg: DataConfig, seed: int, file_index: int = 0
+) -> tuple[list[str], list[str]]:
+    """Train and validation demo names of one file, split by demo (never by frame).
+
+    ``data.split``: ``mask`` uses ``mask/train`` / ``mask/valid`` (either one; the other is the
+    rest), ``random`` shuffles with (seed, file_index) and holds out ``val_fraction``, ``auto`` uses
+    the mask when the file has one. ``max_demos`` keeps the first N training demos (file order).
+    """
+    names = [d.name for d in scan.demos]
+    has_mask = "train" in scan.masks or "valid" in scan.masks
+    if cfg.split == "mask" and not has_mask:
+        raise DataError(
+            f"{scan.path}: data.split=mask but the file has no mask/train or mask/valid; use data.split=random"
+        )
+    if has_mask and cfg.split in ("mask", "auto"):
+        valid = set(scan.masks.get("valid", []))
+        train = set(scan.masks["train"]) if "train" in scan.masks else set(names) - valid
+        if "valid" not in scan.masks:
+            valid = set(names) - train
+        train_names, val_names = [n for n in names if n in train], [n for n in names if n in valid]
+    else:
+        rng = np.random.default_rng([seed, file_index])
+        order = rng.permutation(len(names))
+        n_val = int(round(cfg.val_fraction * len(names)))
+        if cfg.val_fraction > 0 and len(names) >= 2:
+            n_val = min(max(n_val, 1), len(names) - 1)
+        held = {names[i] for i in order[:n_val]}
+        train_names, val_names = [n for n in names if n not in held], [n for n in names if n in held]
+    if not train_names:
+        raise DataError(
+            f"{scan.path}: the split leaves no training demos; check mask/train or data.val_fraction"
+        )
+    if cfg.max_demos is not None:
+        train_names = train_names[: cfg.max_demos]
+    return train_names, val_names
+
+
+def _check_compatible(scans: list[FileScan], cfg: DataConfig) -> None:
+    ref = scans[0]
+    a_dim = ref.demos[0].actions.shape[1]
+    for s in scans[1:]:
+        where = f"{s.path} vs {ref.path}"
+        if s.demos[0].actions.shape[1] != a_dim:
+            raise DataError(
+                f"{where}: action dims differ ({s.demos[0].actions.shape[1]} vs {a_dim}); mix compatible files"
+            )
+        if len(s.image_keys) != len(ref.image_keys) or s.state_dims != ref.state_dims:
+            raise DataError(
+                f"{where}: cameras {s.image_keys} / state dims {s.state_dims} do not match "
+                f"{ref.image_keys} / {ref.state_dims}; set data.image_keys/state_keys"
+            )
+        if cfg.image_size is None and s.image_hw != ref.image_hw:
+            raise DataError(
+                f"{where}: image sizes differ ({s.image_hw} vs {ref.image_hw}); set data.image_size"
+            )
+
+
+def _tokenize(tokenizer: Any, texts: list[str], max_len: int) -> Tokens:
+    enc = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    return Tokens(enc["input_ids"].long(), enc["attention_mask"].long())
+
+
+def _use_cache(cfg: DataConfig, nbytes: int) -> bool:
+    fits = nbytes <= cfg.cache_budget_gb * 1e9
+    cache = cfg.cache_images == "ram" or (cfg.cache_images == "auto" and fits)
+    log.info(
+        "data: images take %.2f GB in RAM (budget %.2f GB, cache_images=%s) -> %s",
+        nbytes / 1e9,
+        cfg.cache_budget_gb,
+        cfg.cache_images,
+        "cached in RAM" if cache else "read lazily",
+    )
+    return cache
+
+
+def build_trajectory_datasets(
+    data_cfg: DataConfig, seed: int, tokenizer: Any = None
+) -> tuple[TrajectoryDataset, TrajectoryDataset | None, DatasetInfo]:
+    """Like :func:`build_datasets`, but the tokenizer is optional (no INSTR_* keys without one)."""
+    scans = [scan_file(p, data_cfg) for p in data_cfg.paths]
+    _check_compatible(scans, data_cfg)
+    splits = [split_demos(s, data_cfg, seed, i) for i, s in enumerate(scans)]
+    by_name = [{d.name: d for d in s.demos} for s in scans]
+    train_demos = [by_name[f][n] for f, (tr, _) in enumerate(splits) for n in tr]
+    state = np.concatenate([d.state for d in train_demos])
+    normalizer = Normalizer.from_arrays(
+        data_cfg.normalization,
+        np.concatenate([d.actions for d in train_demos]),
+        state if state.shape[1] else None,
+    )
+    instructions: list[str] = []
+    tasks: list[str] = []
+    instruction_of, task_of = {}, {}
+    for f, s in enumerate(scans):
+        for d in s.demos:
+            for text, table, out in ((d.instruction, instructions, instruction_of), (d.task, tasks, task_of)):
+                if text not in table:
+                    table.append(text)
+                out[(f, d.name)] = table.index(text)
+    tokens = (
+        _tokenize(tokenizer, instructions, data_cfg.instruction_max_tokens) if tokenizer is not None else None
+    )
+    hw = (data_cfg.image_size, data_cfg.image_size) if data_cfg.image_size else scans[0].image_hw
+    spec = ObsSpec(scans[0].image_keys, scans[0].state_keys, hw, data_cfg.history)
+    nbytes = sum(
+        by_name[f][n].length * s.frame_bytes() for f, s in enumerate(scans) for n in sum(splits[f], [])
+    )
+    cache = _use_cache(data_cfg, nbytes)
+    common = dict(
+        scans=scans,
+        spec=spec,
+        normalizer=normalizer,
+        chunk=data_cfg.chunk,
+        instructions=instructions,
+        instruction_of=instruction_of,
+        task_of=task_of,
+        tokens=tokens,
+        cache_images=cache,
+    )
+    train = TrajectoryDataset(demos=[tr for tr, _ in splits], file_weights=data_cfg.weights, **common)
+    has_val = any(va for _, va in splits)
+    val = TrajectoryDataset(demos=[va for _, va in splits], **common) if has_val else None
+    info = DatasetInfo(
+        action_dim=int(train.actions.shape[1]),
+        state_dim=int(train.state.shape[1]),
+        image_keys=list(spec.image_keys),
+        state_keys=list(spec.state_keys),
+        image_size=tuple(hw),
+        history=data_cfg.history,
+        chunk=data_cfg.chunk,
+        task_names=tasks,
+        normalizer=normalizer,
+        num_train_demos=train.num_demos,
+        num_val_demos=val.num_demos if val is not None else 0,
+        num_train_samples=len(train),
+        instructions=instructions,
+    )
+    return train, val, info
+
+
+def build_datasets(
+    data_cfg: DataConfig, tokenizer: Any, seed: int
+) -> tuple[TrajectoryDataset, TrajectoryDataset | None, DatasetInfo]:
+    """Train dataset, validation dataset (None when no demo is held out) and :class:`DatasetInfo`.
+
+    Args:
+        data_cfg: the ``data`` config section.
+        tokenizer: a Hugging Face tokenizer (called once on the list of distinct instructions).
+        seed: drives the random demo split.
+
+    Raises:
+        DataError: a file is missing, malformed or inconsistent (names file, demo and key).
+    """
+    if tokenizer is None:
+        raise ValueError("build_datasets needs a tokenizer; use build_trajectory_datasets for raw data")
+    return build_trajectory_datasets(data_cfg, seed, tokenizer)

@@ -1,0 +1,227 @@
+"""``TrajectoryDataset``: samples (observation history, action chunk, instruction) from demos.
+
+Every frame t of every demo is one sample. Low-dim data (actions, state) lives in RAM; images are
+either cached in RAM or read lazily, with one h5py handle per process (reopened after a fork:
+h5py handles are not fork-safe). Per-sample images and state go through
+:func:`vla_ft.data.transforms.obs_to_inputs`, the same function the policy uses on live
+observations.
+
+``get_batch(indices)`` builds a whole batch at once (vectorized; the DataLoader reaches it through
+``__getitems__``), ``__getitem__`` is ``get_batch([i])`` without the leading B.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vla_ft.constants import ACTION, ACTION_IS_PAD, INSTR_IDS, INSTR_MASK, PROGRESS, TASK_ID
+from vla_ft.data.normalize import Normalizer
+from vla_ft.data.reader import FileScan, open_h5_handle, read_frames
+from vla_ft.data.sampler import ResumableSampler
+from vla_ft.data.transforms import ObsSpec, obs_to_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokens:
+    """Pre-tokenized instructions: row i is instruction i."""
+
+    ids: torch.Tensor  # int64 (n_instructions, L)
+    mask: torch.Tensor  # int64 (n_instructions, L)
+
+
+@dataclass
+class DemoRef:
+    """One demo of the dataset: where it lives and its per-demo labels."""
+
+    file: int  # index into the dataset's files
+    name: str
+    length: int
+    instruction: int  # row in Tokens / instructions list
+    task: int  # task id
+
+
+class TrajectoryDataset(Dataset):
+    """Windows of demos from one or more scanned HDF5 files.
+
+    Args:
+        scans: scanned files (:func:`vla_ft.data.reader.scan_file`).
+        demos: per file, the names of the demos this dataset uses (a split).
+        spec: model-side keys/size/history; ``spec.image_keys``/``state_keys`` name the slots (a
+            file with other key names maps to them by position).
+        normalizer: normalizes actions and state (``None``: raw units).
+        chunk: action chunk length H.
+        instructions: distinct instruction strings; ``instruction_of[(file, demo)]`` picks one.
+        task_of: (file, demo) -> task id.
+        tokens: pre-tokenized ``instructions`` (``None``: no INSTR_* keys in samples).
+        cache_images: read every image into RAM now (True) or lazily per sample (False).
+        file_weights: optional per-file mixing weights for :meth:`make_sampler`.
+    """
+
+    def __init__(
+        self,
+        scans: Sequence[FileScan],
+        demos: Sequence[Sequence[str]],
+        spec: ObsSpec,
+        normalizer: Normalizer | None,
+        chunk: int,
+        instructions: Sequence[str],
+        instruction_of: dict[tuple[int, str], int],
+        task_of: dict[tuple[int, str], int],
+        tokens: Tokens | None = None,
+        cache_images: bool = False,
+        file_weights: Sequence[float] | None = None,
+    ):
+        self.paths = [s.path for s in scans]
+        self.file_keys = [s.image_keys for s in scans]
+        self.frame_bytes = [s.frame_bytes() for s in scans]
+        self.spec, self.normalizer, self.chunk, self.tokens = spec, normalizer, chunk, tokens
+        self.instructions = list(instructions)
+        self.file_weights = None if file_weights is None else list(file_weights)
+        self.refs: list[DemoRef] = []
+        actions, states = [], []
+        for f, (scan, names) in enumerate(zip(scans, demos)):
+            by_name = {d.name: d for d in scan.demos}
+            for name in names:
+                d = by_name[name]
+                self.refs.append(DemoRef(f, name, d.length, instruction_of[(f, name)], task_of[(f, name)]))
+                actions.append(d.actions)
+                states.append(d.state)
+        if not self.refs:
+            raise ValueError("TrajectoryDataset needs at least one demo")
+        lengths = np.array([r.length for r in self.refs], dtype=np.int64)
+        self.demo_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (D,)
+        self.demo_len = lengths  # (D,)
+        self.sample_demo = np.repeat(np.arange(len(self.refs)), lengths)  # (N,)
+        self.sample_t = np.arange(int(lengths.sum())) - self.demo_start[self.sample_demo]  # (N,)
+        self.sample_file = np.array([r.file for r in self.refs], dtype=np.int64)[self.sample_demo]  # (N,)
+        self.raw_actions = np.concatenate(actions).astype(np.float32)  # (N, A) env units
+        self.actions = normalizer.normalize_action(self.raw_actions) if normalizer else self.raw_actions
+        self.state = np.concatenate(states).astype(np.float32)  # (N, S) raw; obs_to_inputs normalizes
+        self.state_dims = list(scans[0].state_dims)  # per state key, to split a flat row back into keys
+        self.demo_instr = torch.tensor([r.instruction for r in self.refs], dtype=torch.int64)
+        self.demo_task = torch.tensor([r.task for r in self.refs], dtype=torch.int64)
+        self.image_cache: list[list[np.ndarray]] | None = None
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+        if cache_images:
+            self._cache_images()
+
+    # ---- sizes -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.sample_demo.shape[0])
+
+    @property
+    def num_demos(self) -> int:
+        return len(self.refs)
+
+    def image_bytes(self) -> int:
+        """RAM that caching every image of this dataset takes (stored size)."""
+        return sum(r.length * self.frame_bytes[r.file] for r in self.refs)
+
+    # ---- file handles (one per process) ------------------------------------------------------
+
+    def _handle(self, f: int) -> h5py.File:
+        if self._pid != os.getpid():  # forked into a worker: never touch the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        if f not in self._handles:
+            self._handles[f] = open_h5_handle(self.paths[f])
+        return self._handles[f]
+
+    def close(self) -> None:
+        """Close this process's file handles (they reopen on the next read)."""
+        if self._pid == os.getpid():
+            for h in self._handles.values():
+                h.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # spawn/forkserver workers open their own
+        return state
+
+    def _cache_images(self) -> None:
+        cache = []
+        for r in self.refs:
+            h5 = self._handle(r.file)
+            frames = np.arange(r.length)
+            cache.append([read_frames(h5, r.name, k, frames) for k in self.file_keys[r.file]])
+        self.image_cache = cache
+        self.close()  # no open handles left in the parent before DataLoader workers fork
+
+    # ---- samples -----------------------------------------------------------------------------
+
+    def _images(self, d: np.ndarray, hist: np.ndarray) -> list[np.ndarray]:
+        """Per camera slot: uint8 (B, T, H, W, 3) frames ``hist`` (B, T) of demos ``d`` (B,)."""
+        per_sample = []
+        for b in range(len(d)):
+            ref = self.refs[int(d[b])]
+            if self.image_cache is not None:
+                per_sample.append([cam[hist[b]] for cam in self.image_cache[int(d[b])]])
+            else:
+                h5 = self._handle(ref.file)
+                per_sample.append([read_frames(h5, ref.name, k, hist[b]) for k in self.file_keys[ref.file]])
+        return [np.stack([s[k] for s in per_sample]) for k in range(len(self.spec.image_keys))]
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """Samples ``indices`` as one collated batch (keys of vla_ft.constants, leading B)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        d, t = self.sample_demo[idx], self.sample_t[idx]  # (B,), (B,)
+        start, length = self.demo_start[d], self.demo_len[d]  # (B,)
+        hist = np.maximum(t[:, None] + np.arange(1 - self.spec.history, 1), 0)  # (B, T) repeat first frame
+        steps = t[:, None] + np.arange(self.chunk)  # (B, H)
+        is_pad = steps > (length - 1)[:, None]  # (B, H)
+        steps = np.minimum(steps, (length - 1)[:, None])  # repeat the last action
+        obs = {k: v for k, v in zip(self.spec.image_keys, self._images(d, hist))}
+        state = self.state[start[:, None] + hist]  # (B, T, S)
+        for key, part in zip(self.spec.state_keys, np.split(state, np.cumsum(self.state_dims)[:-1], axis=-1)):
+            obs[key] = part
+        batch = obs_to_inputs(obs, self.spec, self.normalizer, batched=True)
+        batch[ACTION] = torch.from_numpy(self.actions[start[:, None] + steps])  # (B, H, A)
+        batch[ACTION_IS_PAD] = torch.from_numpy(is_pad)
+        dt = torch.from_numpy(d)
+        batch[TASK_ID] = self.demo_task[dt]
+        batch[PROGRESS] = torch.from_numpy((t / np.maximum(length - 1, 1)).astype(np.float32))
+        if self.tokens is not None:
+            instr = self.demo_instr[dt]
+            batch[INSTR_IDS] = self.tokens.ids[instr]
+            batch[INSTR_MASK] = self.tokens.mask[instr]
+        return batch
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        return {k: v[0] for k, v in self.get_batch([i % len(self)]).items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Batched fetch used by the DataLoader (default collate stacks the samples back)."""
+        batch = self.get_batch(indices)
+        return [{k: v[b] for k, v in batch.items()} for b in range(len(indices))]
+
+    def instruction(self, i: int) -> str:
+        """The raw instruction string of sample ``i``."""
+        return self.instructions[self.refs[int(self.sample_demo[i])].instruction]
+
+    # ---- mixing --------------------------------------------------------------------------------
+
+    def sample_weights(self) -> torch.Tensor | None:
+        """(N,) weights giving each file a share of draws proportional to its weight, or None."""
+        if self.file_weights is None:
+            return None
+        counts = np.bincount(self.sample_file, minlength=len(self.paths)).astype(np.float64)
+        per_file = np.asarray(self.file_weights, dtype=np.float64) / np.maximum(counts, 1)
+        return torch.from_numpy(per_file[self.sample_file])
+
+    def make_sampler(self, seed: int, rank: int = 0, world_size: int = 1) -> ResumableSampler:
+        """The training sampler: order = f(seed, epoch), weighted when files have weights."""
+        return ResumableSampler(len(self), seed, self.sample_weights(), rank, world_size)
