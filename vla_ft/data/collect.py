@@ -1,0 +1,163 @@
+"""Scripted-expert demo collection: ``run_collect(cfg)`` (``scripts/collect_demos.py``).
+
+Episode ``i`` of task ``t`` resets with seed ``cfg.collect.seed + TASK_SEED_STRIDE * index(t) + i``
+(``index`` in ``envs.list_tasks()``, so a task's seeds do not depend on the task list). Attempts run
+in a ``spawn`` process pool (forking after an EGL context exists hangs) in seed order; the first
+``cfg.collect.episodes`` successful episodes per task (or all, with ``keep_failures``) are written,
+so the file does not depend on the number of workers. No torch import here.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from vla_ft.config import Config
+from vla_ft.data.writer import DemoWriter
+from vla_ft.errors import DataError
+
+TASK_SEED_STRIDE = 1_000_000
+_ENVS: dict[tuple, Any] = {}  # per-process env cache (worker processes keep their envs)
+
+
+def episode_seed(base_seed: int, task: str, i: int) -> int:
+    """Reset seed of attempt ``i`` of ``task``."""
+    import envs
+
+    return base_seed + TASK_SEED_STRIDE * envs.list_tasks().index(task) + i
+
+
+def run_episode(job: tuple) -> dict[str, Any]:
+    """Roll the expert out once. ``job = (task, seed, noise, image_size, cameras, max_steps)``.
+
+    Returns:
+        dict with ``obs`` (key -> (T, ...)), ``actions`` (T, 4), ``rewards`` (T,), ``dones`` (T,),
+        ``states`` (T, S), ``success``, ``instruction``, ``task``, ``seed``, ``physics_error``.
+    """
+    import envs
+
+    task, seed, noise, image_size, cameras, max_steps = job
+    key = (task, image_size, tuple(cameras), max_steps)
+    if key not in _ENVS:
+        _ENVS[key] = envs.make(task, image_size=image_size, cameras=tuple(cameras), max_steps=max_steps)
+    env = _ENVS[key]
+    expert = envs.make_expert(env, noise=noise, seed=seed)
+    obs, info = env.reset(seed=seed)
+    expert.reset()
+    frames: dict[str, list] = {k: [] for k in obs}
+    actions, rewards, states = [], [], []
+    done = False
+    while not done:
+        states.append(env.get_state())
+        for k, v in obs.items():
+            frames[k].append(v)
+        action = expert.act(obs)
+        obs, reward, terminated, truncated, info = env.step(action)
+        actions.append(action)
+        rewards.append(reward)
+        done = terminated or truncated
+    dones = np.zeros(len(actions), dtype=np.uint8)
+    dones[-1] = 1
+    return {
+        "obs": {k: np.stack(v) for k, v in frames.items()},
+        "actions": np.stack(actions).astype(np.float32),
+        "rewards": np.asarray(rewards, dtype=np.float32),
+        "dones": dones,
+        "states": np.stack(states),
+        "success": bool(info["is_success"]),
+        "physics_error": bool(info["physics_error"]),
+        "instruction": info["instruction"],
+        "task": task,
+        "seed": int(seed),
+    }
+
+
+def _close_envs() -> None:
+    while _ENVS:
+        _ENVS.popitem()[1].close()
+
+
+def _results(jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
+    """Episode results in job order (inline for one worker, else a spawn pool)."""
+    if workers == 1:
+        try:
+            yield from map(run_episode, jobs)
+        finally:
+            _close_envs()
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:  # leaving the block terminates the workers
+        yield from pool.imap(run_episode, jobs, chunksize=1)
+
+
+def _collect_task(task: str, cfg: Config, writer: DemoWriter, instructions: list[str]) -> int:
+    """Write ``cfg.collect.episodes`` episodes of ``task`` (appending to ``instructions``); returns attempts."""
+    c, e = cfg.collect, cfg.env
+    attempts = math.ceil(c.episodes * c.max_attempts_factor)
+    jobs = [
+        (task, episode_seed(c.seed, task, i), c.action_noise, e.image_size, tuple(e.cameras), e.max_steps)
+        for i in range(attempts)
+    ]
+    kept = tried = 0
+    with tqdm(total=c.episodes, desc=f"collect {task}", unit="demo") as bar:
+        for ep in _results(jobs, min(c.workers, attempts)):
+            tried += 1
+            if ep["success"] or c.keep_failures:
+                attrs = {"language_instruction": ep["instruction"], "task": task, "seed": ep["seed"]}
+                attrs["success"] = ep["success"]
+                writer.add_demo(ep["obs"], ep["actions"], ep["rewards"], ep["dones"], ep["states"], attrs)
+                instructions.append(ep["instruction"])
+                kept += 1
+                bar.update(1)
+            bar.set_postfix(attempts=tried)
+            if kept == c.episodes:
+                return tried
+    raise DataError(
+        f"task '{task}': only {kept}/{c.episodes} successful episodes in {attempts} attempts; raise "
+        f"collect.max_attempts_factor (now {c.max_attempts_factor}) or lower collect.action_noise "
+        f"(now {c.action_noise})"
+    )
+
+
+def _env_args(cfg: Config) -> dict[str, Any]:
+    import envs
+    from envs.env import ENV_VERSION
+
+    for task in cfg.collect.tasks:
+        envs.registry.get_task(task)  # unknown names fail before any work, listing valid ones
+    env = envs.make(
+        cfg.collect.tasks[0], image_size=cfg.env.image_size, cameras=tuple(cfg.env.cameras), render=False
+    )
+    args = env.env_args()
+    env.close()
+    args["tasks"] = list(cfg.collect.tasks)
+    args["env_version"] = ENV_VERSION
+    return args
+
+
+def run_collect(cfg: Config) -> Path:
+    """Collect demos for every task in ``cfg.collect.tasks`` into ``cfg.collect.output``.
+
+    Returns:
+        The path of the published HDF5 file.
+    """
+    env_args = _env_args(cfg)
+    out = Path(cfg.collect.output)
+    problem = {"language_instruction": "", "tasks": list(cfg.collect.tasks), "language_instructions": []}
+    writer = DemoWriter(out, env_args, problem)
+    instructions: list[str] = []
+    with writer:
+        for task in cfg.collect.tasks:
+            _collect_task(task, cfg, writer, instructions)
+        problem["language_instruction"] = instructions[0]
+        problem["language_instructions"] = sorted(set(instructions))
+        writer.set_problem_info(problem)
+        path = writer.close(valid_fraction=cfg.collect.valid_fraction, seed=cfg.collect.seed)
+    print(f"wrote {len(writer.names)} demos ({writer.total} steps) to {path}")
+    return path
