@@ -98,7 +98,9 @@ def tokenizer():
 
 @pytest.fixture
 def ours_file(tmp_path):
-    return write_file(tmp_path / "ours.hdf5", "ours", tasks=["red", "blue", "red", "green", "blue"], mask_valid=[1])
+    return write_file(
+        tmp_path / "ours.hdf5", "ours", tasks=["red", "blue", "red", "green", "blue"], mask_valid=[1]
+    )
 
 
 @pytest.fixture

@@ -276,6 +276,16 @@ def scan_file(path: str, cfg: DataConfig) -> FileScan:
     Raises:
         DataError: any problem with the file, naming the file, demo and key.
     """
+    where = ["data"]  # the object being read, for the message when a corrupt file fails a read
+    try:
+        return _scan(path, cfg, where)
+    except (OSError, RuntimeError):
+        raise DataError(
+            f"{path}: {where[-1]}: cannot read: truncated or corrupt file; re-collect or re-download it"
+        ) from None
+
+
+def _scan(path: str, cfg: DataConfig, where: list[str]) -> FileScan:
     with open_h5(path) as h5:
         data = h5.get("data")
         if not isinstance(data, h5py.Group):
@@ -304,6 +314,7 @@ def scan_file(path: str, cfg: DataConfig) -> FileScan:
         file_lang = _file_instruction(data)
         demos, skipped = [], []
         for name in names:
+            where.append(name)
             grp = data[name]
             actions = check.actions(h5, name)
             check.images(grp, name, len(actions))
@@ -327,6 +338,7 @@ def scan_file(path: str, cfg: DataConfig) -> FileScan:
             )
         if not demos:
             raise DataError(f"{path}: every demo was skipped for NaN/Inf values; nothing left to train on")
+        where.append("mask")
         masks = _read_masks(h5, set(names))
         if skipped:
             masks = {k: [n for n in v if n not in skipped] for k, v in masks.items()}

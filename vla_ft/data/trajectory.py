@@ -84,6 +84,8 @@ class TrajectoryDataset(Dataset):
         self.paths = [s.path for s in scans]
         self.file_keys = [s.image_keys for s in scans]
         self.frame_bytes = [s.frame_bytes() for s in scans]
+        sizes = [s.image_hw for s in scans]
+        self.file_size_id = np.array([sizes.index(hw) for hw in sizes], dtype=np.int64)  # per file
         self.spec, self.normalizer, self.chunk, self.tokens = spec, normalizer, chunk, tokens
         self.instructions = list(instructions)
         self.file_weights = None if file_weights is None else list(file_weights)
@@ -101,9 +103,10 @@ class TrajectoryDataset(Dataset):
         lengths = np.array([r.length for r in self.refs], dtype=np.int64)
         self.demo_start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (D,)
         self.demo_len = lengths  # (D,)
+        self.demo_file = np.array([r.file for r in self.refs], dtype=np.int64)  # (D,)
         self.sample_demo = np.repeat(np.arange(len(self.refs)), lengths)  # (N,)
         self.sample_t = np.arange(int(lengths.sum())) - self.demo_start[self.sample_demo]  # (N,)
-        self.sample_file = np.array([r.file for r in self.refs], dtype=np.int64)[self.sample_demo]  # (N,)
+        self.sample_file = self.demo_file[self.sample_demo]  # (N,)
         self.raw_actions = np.concatenate(actions).astype(np.float32)  # (N, A) env units
         self.actions = normalizer.normalize_action(self.raw_actions) if normalizer else self.raw_actions
         self.state = np.concatenate(states).astype(np.float32)  # (N, S) raw; obs_to_inputs normalizes
@@ -173,6 +176,28 @@ class TrajectoryDataset(Dataset):
                 per_sample.append([read_frames(h5, ref.name, k, hist[b]) for k in self.file_keys[ref.file]])
         return [np.stack([s[k] for s in per_sample]) for k in range(len(self.spec.image_keys))]
 
+    def _obs_inputs(self, d: np.ndarray, hist: np.ndarray, start: np.ndarray) -> dict[str, torch.Tensor]:
+        """IMAGES (B, T, K, 3, H, W) and STATE (B, T, S) through obs_to_inputs, one call per stored size."""
+        size = self.file_size_id[self.demo_file[d]]  # (B,) files with different stored image sizes
+        groups = (
+            [np.arange(len(d))]
+            if (size == size[0]).all()
+            else [np.flatnonzero(size == g) for g in np.unique(size)]
+        )
+        parts = []
+        for g in groups:
+            obs = {k: v for k, v in zip(self.spec.image_keys, self._images(d[g], hist[g]))}
+            state = self.state[start[g, None] + hist[g]]  # (b, T, S)
+            for key, part in zip(
+                self.spec.state_keys, np.split(state, np.cumsum(self.state_dims)[:-1], axis=-1)
+            ):
+                obs[key] = part
+            parts.append(obs_to_inputs(obs, self.spec, self.normalizer, batched=True))
+        if len(parts) == 1:
+            return parts[0]
+        order = torch.from_numpy(np.argsort(np.concatenate(groups), kind="stable"))
+        return {k: torch.cat([p[k] for p in parts])[order] for k in parts[0]}
+
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """Samples ``indices`` as one collated batch (keys of vla_ft.constants, leading B)."""
         idx = np.asarray(indices, dtype=np.int64)
@@ -182,11 +207,7 @@ class TrajectoryDataset(Dataset):
         steps = t[:, None] + np.arange(self.chunk)  # (B, H)
         is_pad = steps > (length - 1)[:, None]  # (B, H)
         steps = np.minimum(steps, (length - 1)[:, None])  # repeat the last action
-        obs = {k: v for k, v in zip(self.spec.image_keys, self._images(d, hist))}
-        state = self.state[start[:, None] + hist]  # (B, T, S)
-        for key, part in zip(self.spec.state_keys, np.split(state, np.cumsum(self.state_dims)[:-1], axis=-1)):
-            obs[key] = part
-        batch = obs_to_inputs(obs, self.spec, self.normalizer, batched=True)
+        batch = self._obs_inputs(d, hist, start)
         batch[ACTION] = torch.from_numpy(self.actions[start[:, None] + steps])  # (B, H, A)
         batch[ACTION_IS_PAD] = torch.from_numpy(is_pad)
         dt = torch.from_numpy(d)
