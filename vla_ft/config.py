@@ -184,6 +184,12 @@ class ModelConfig:
     vlm: str | None = None  # HF vision-language model name/dir used as the joint backbone
     action_head: Literal["continuous", "binned"] = "continuous"
     n_bins: int = 256
+    bin_range: float = 1.0  # binned head: bins cover [-bin_range, bin_range] in normalized units
+    bin_decode: Literal["expectation", "argmax"] = "expectation"  # binned head -> continuous action
+    n_action_steps: int | None = None  # select_action: actions executed per chunk (None: whole chunk)
+    temporal_ensemble: float | None = None  # select_action: ACT-style weight exp(-k * age); None = off
+    action_low: float = -1.0  # predict_action clips env-unit actions to [action_low, action_high]
+    action_high: float = 1.0
     hidden_size: int | None = None
     num_layers: int | None = None
     num_heads: int | None = None
@@ -196,6 +202,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.n_bins >= 2, "model.n_bins", self.n_bins, "use 2 or more bins")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a value in [0, 1)")
+        _check(self.bin_range > 0, "model.bin_range", self.bin_range, "use a positive range, e.g. 1.0")
+        if self.n_action_steps is not None:
+            _check(self.n_action_steps >= 1, "model.n_action_steps", self.n_action_steps, "use 1 or more, or null")
+        if self.temporal_ensemble is not None:
+            _check(self.temporal_ensemble >= 0, "model.temporal_ensemble", self.temporal_ensemble, "use k >= 0")
+        _check(
+            self.action_low < self.action_high,
+            "model.action_low",
+            self.action_low,
+            f"it must be below model.action_high={self.action_high}",
+        )
         for name in self.freeze:
             _check(
                 name in ("vision", "language", "projector", "heads"),
@@ -355,7 +372,7 @@ class EvalConfig:
     worker_timeout_s: float = 300.0  # a worker silent this long counts as crashed (its episodes fail)
 
     def __post_init__(self) -> None:
-        _check(self.episodes >= 1, "eval.episodes", self.episodes, "use 1 or more")
+        _check(self.episodes >= 0, "eval.episodes", self.episodes, "use 0 (no final evaluation) or more")
         _check(self.workers >= 1, "eval.workers", self.workers, "use 1 or more")
         if self.replan_every is not None:
             _check(self.replan_every >= 1, "eval.replan_every", self.replan_every, "use 1 or more, or null")

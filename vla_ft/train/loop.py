@@ -71,7 +71,7 @@ def fit(
     run_dir: Path,
     device: torch.device,
     precision: str,
-    augment: Callable | None = None,
+    augment: Callable[[dict, torch.Generator], dict] | None = None,
     evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
     resume: tuple[dict, dict] | None = None,
     sample_weights: torch.Tensor | None = None,
@@ -86,7 +86,8 @@ def fit(
         train_ds, val_ds: datasets of batch-vocabulary samples (val_ds may be None).
         run_dir: where checkpoints, metrics and plots go.
         device, precision: resolved device and ``fp32|bf16|fp16``.
-        augment: callable(batch) -> new batch, applied to training micro-batches only.
+        augment: callable(batch, generator) -> new batch, applied to training micro-batches only;
+            the generator (seeded from ``cfg.seed``) is part of the resumable state.
         evaluate_fn: callable(policy, step) -> metrics with ``success_rate`` (simulation evaluation).
         resume: (json state, tensors) from :func:`checkpoint.load_training_state`, or None.
         sample_weights: per-sample sampling weights (multi-file mixing), or None for uniform.
@@ -105,6 +106,8 @@ def fit(
         AveragedModel(policy, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True) if tc.ema else None
     )
     model = torch.compile(policy) if tc.compile else policy
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    augment_batch = (lambda b: augment(b, aug_gen)) if augment is not None else None
     sampler = ResumableSampler(len(train_ds), cfg.seed, sample_weights)
     val_loader = make_loader(val_ds, micro, None, cfg.data.num_workers, device, cfg.seed) if val_ds else None
 
@@ -125,8 +128,7 @@ def fit(
         best, best_step, stale, history = state["best"], state["best_step"], state["stale"], state["history"]
         wandb_id = state.get("wandb_id")
         torch.set_rng_state(tensors["rng"]["torch"])
-        if augment is not None and hasattr(augment, "generator"):
-            augment.generator.set_state(tensors["rng"]["augment"])
+        aug_gen.set_state(tensors["rng"]["augment"])
         if device.type == "cuda" and "cuda" in tensors["rng"]:
             torch.cuda.set_rng_state(tensors["rng"]["cuda"], device)
 
@@ -140,9 +142,7 @@ def fit(
             if tag_best:
                 ckpt_io.point_link(run_dir / "best", saved[step])
             return saved[step]
-        rng = {"torch": torch.get_rng_state()}
-        if augment is not None and hasattr(augment, "generator"):
-            rng["augment"] = augment.generator.get_state()
+        rng = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         state = {
@@ -203,7 +203,7 @@ def fit(
         t_data = time.perf_counter() - t0
 
         metrics, stepped = train_step(
-            model, loss_fn, micro_batches, optimizer, scaler, amp, tc.grad_clip, augment
+            model, loss_fn, micro_batches, optimizer, scaler, amp, tc.grad_clip, augment_batch
         )
         if stepped:
             scheduler.step()

@@ -1,0 +1,206 @@
+"""The main job: ``python scripts/finetune.py --cfg pick_place.yaml``.
+
+Collect demos if missing (when ``data.collect_if_missing``), build the datasets with the model's
+tokenizer, load the pretrained VLA (or build a preset), fine-tune every parameter, evaluate the best
+checkpoint in simulation and write the run directory (config, checkpoints, metrics, plots, report).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla_ft.config import REPO_ROOT, Config, save_config
+from vla_ft.errors import ConfigError, DataError
+from vla_ft.train import checkpoint as ckpt_io
+from vla_ft.train.loop import FitResult, fit
+from vla_ft.train.step import resolve_device, resolve_precision
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    fit: FitResult
+    eval: dict | None  # final evaluation summary (success_rate, ci95, ...) or None when skipped
+    wall_s: float
+
+
+def check_config(cfg: Config) -> None:
+    """Cross-section checks that need no data, done before anything loads."""
+    tc = cfg.train
+    if tc.best_metric == "success_rate" and not tc.eval_every:
+        raise ConfigError(
+            "train.best_metric=success_rate needs periodic simulation evaluation: set train.eval_every > 0"
+        )
+    if tc.patience is not None and tc.best_metric == "val_loss" and not tc.val_every:
+        raise ConfigError("train.patience with train.best_metric=val_loss needs train.val_every > 0")
+    if tc.parallel != "none" and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            f"train.parallel={tc.parallel} needs a torchrun launch "
+            f"(torchrun --nproc_per_node N scripts/finetune.py ...); use train.parallel=none for one process"
+        )
+    if tc.parallel != "none":
+        raise ConfigError(
+            f"train.parallel={tc.parallel} is not available in this version: use train.parallel=none"
+        )
+    if cfg.data.collect_if_missing and Path(cfg.collect.output) != Path(cfg.data.paths[0]):
+        raise ConfigError(
+            f"data.collect_if_missing collects into collect.output={cfg.collect.output!r}, which is not "
+            f"data.paths[0]={cfg.data.paths[0]!r}: make them the same file"
+        )
+
+
+def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """``out_dir/run_name``; without a run name, a new ``<name>-<timestamp>`` directory, or with
+    ``train.resume=auto`` the newest existing ``<name>-*`` run that has a checkpoint."""
+    out = Path(cfg.train.out_dir)
+    if cfg.train.run_name:
+        return out / cfg.train.run_name
+    if cfg.train.resume == "auto" and out.is_dir():
+        runs = sorted((p for p in out.glob(f"{cfg.name}-*") if (p / "last").exists()), key=os.path.getmtime)
+        if runs:
+            return runs[-1]
+    return out / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def ensure_data(cfg: Config) -> None:
+    """Collect the configured demos when missing and allowed; else name the exact command."""
+    missing = [p for p in cfg.data.paths if not Path(p).is_file()]
+    if not missing:
+        return
+    if cfg.data.collect_if_missing and missing == [cfg.data.paths[0]]:
+        from vla_ft.data.collect import run_collect
+
+        print(f"[vla-ft] {missing[0]} not found: collecting {cfg.collect.episodes} demos per task first")
+        run_collect(cfg)
+        return
+    raise DataError(
+        f"dataset file {missing[0]} not found. Collect it with: python scripts/collect_demos.py "
+        f"--cfg <your config> collect.output={missing[0]}  (or set data.collect_if_missing=true)"
+    )
+
+
+def resolve_pretrained(spec: str | None) -> str | None:
+    """A relative checkpoint path is tried against the working directory, then the repo root."""
+    if spec is None:
+        return None
+    if not Path(spec).exists() and (REPO_ROOT / spec).exists():
+        return str(REPO_ROOT / spec)
+    return spec
+
+
+def make_evaluate_fn(cfg: Config, run_dir: Path, episodes: int | None = None):
+    """Simulation evaluation callable(policy, step) -> summary dict (success_rate, ci95_low/high)."""
+    from vla_ft.eval import evaluate
+
+    def run(policy, step: int) -> dict:
+        out = run_dir / "eval" / f"step_{step:07d}"
+        eval_cfg = (
+            cfg.eval if episodes is None else type(cfg.eval)(**{**cfg.eval.__dict__, "episodes": episodes})
+        )
+        result = evaluate(policy, cfg.env, eval_cfg, out_dir=out, step=step)
+        low, high = result.ci95
+        return {
+            "success_rate": result.success_rate,
+            "ci95_low": low,
+            "ci95_high": high,
+            "episodes": len(result.episodes),
+        }
+
+    return run
+
+
+def run_finetune(cfg: Config) -> FinetuneResult:
+    """Run the whole job (see module docstring). Returns the run directory and results."""
+    from vla_ft.data.augment import Augmenter
+    from vla_ft.data.dataset import build_datasets
+    from vla_ft.models import load_tokenizer, load_vla, param_info
+
+    t_start = time.perf_counter()
+    check_config(cfg)
+    seed_everything(cfg.seed, cfg.train.deterministic, cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    run_dir = resolve_run_dir(cfg)
+    resume_ckpt = ckpt_io.find_resume_checkpoint(cfg.train.resume, run_dir) if cfg.train.resume else None
+    ensure_data(cfg)
+
+    source = str(resume_ckpt) if resume_ckpt else resolve_pretrained(cfg.model.pretrained)
+    model_cfg = (
+        cfg.model if source is None else type(cfg.model)(**{**cfg.model.__dict__, "pretrained": source})
+    )
+    tokenizer = load_tokenizer(model_cfg)
+    train_ds, val_ds, info = build_datasets(cfg.data, tokenizer, cfg.seed)
+    policy = load_vla(model_cfg, info)
+    if resume_ckpt is None:
+        policy.set_normalizer(info.normalizer)
+    policy.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    policy.to(device)
+    save_config(cfg, run_dir)
+    print(
+        f"[vla-ft] run dir {run_dir} | device {device} ({precision}) | {info.num_train_demos} train / "
+        f"{info.num_val_demos} val demos, {len(train_ds)} samples"
+    )
+
+    resume = ckpt_io.load_training_state(resume_ckpt) if resume_ckpt else None
+    augment = Augmenter(cfg.data.augment) if cfg.data.augment.enabled else None
+    evaluate_fn = make_evaluate_fn(cfg, run_dir) if cfg.train.eval_every else None
+    gripper_zero = float(
+        info.normalizer.normalize_action(np.zeros(info.action_dim, np.float32))[cfg.loss.gripper_dim]
+    )
+    loss_kwargs = {
+        "action_dim": info.action_dim,
+        "head": cfg.model.action_head,
+        "n_bins": cfg.model.n_bins,
+        "gripper_zero": gripper_zero,
+    }
+    if hasattr(policy, "bin_range"):
+        loss_kwargs["bin_low"], loss_kwargs["bin_high"] = policy.bin_range
+    result = fit(
+        cfg,
+        policy,
+        param_info(policy),
+        train_ds,
+        val_ds,
+        run_dir,
+        device,
+        precision,
+        augment=augment,
+        evaluate_fn=evaluate_fn,
+        resume=resume,
+        sample_weights=train_ds.sample_weights(),
+        loss_kwargs=loss_kwargs,
+    )
+    final = None
+    if cfg.eval.episodes > 0:
+        from vla_ft.models import VLAPolicy
+
+        best = VLAPolicy.from_pretrained(run_dir / "best").to(device)
+        final = make_evaluate_fn(cfg, run_dir)(best, result.step)
+        print(
+            f"[vla-ft] success rate {final['success_rate']:.1%} "
+            f"(95% CI {final['ci95_low']:.1%}-{final['ci95_high']:.1%}) over {final['episodes']} "
+            f"episodes of {cfg.env.task}; report: {run_dir / 'eval'}"
+        )
+    if cfg.log.plots:
+        from vla_ft.train.logging import write_plots
+
+        write_plots(run_dir)
+    return FinetuneResult(run_dir, result, final, time.perf_counter() - t_start)
