@@ -1,0 +1,78 @@
+"""Native backbone: timm vision encoder -> MLP projector -> transformers language model.
+
+Every backbone (this one and :class:`vla_ft.models.vlm.VLMBackbone`) offers the same interface to
+the policy: ``encode_images``, ``embed_tokens``, ``forward``, ``hidden_size``, ``depths`` and
+``set_gradient_checkpointing``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vla_ft.constants import MODULE_LANGUAGE, MODULE_PROJECTOR, MODULE_VISION
+from vla_ft.models.language import LanguageBackbone
+from vla_ft.models.vision import TimmVisionEncoder
+
+Depths = dict[str, tuple[str, int, int]]  # param name -> (module, depth, num_layers)
+
+
+class NativeBackbone(nn.Module):
+    """Vision tokens projected into the language model's width.
+
+    Args:
+        vision: timm model name.
+        vision_kwargs: extra timm kwargs.
+        pool_grid: CNN feature maps are pooled to this many tokens per side.
+        language: transformers config dict (random init) or model dir / hub id.
+        vision_pretrained: local timm weights, or None.
+        channels_last: CNN memory format.
+        trust_remote_code: transformers flag.
+    """
+
+    def __init__(
+        self,
+        vision: str,
+        vision_kwargs: dict[str, Any],
+        pool_grid: int,
+        language: str | dict[str, Any],
+        vision_pretrained: str | None = None,
+        channels_last: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.vision = TimmVisionEncoder(vision, vision_kwargs, pool_grid, vision_pretrained, channels_last)
+        self.language = LanguageBackbone(language, trust_remote_code)
+        d = self.language.hidden_size
+        self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.hidden_size = d
+        self.vocab_size = int(self.language.model.get_input_embeddings().num_embeddings)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """float (N, 3, H, W) in [0, 1] -> (N, P, D) tokens in the language width."""
+        return self.projector(self.vision(images))
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language.embed_tokens(ids)  # (B, L, D)
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.language(embeds, mask)  # (B, N, D)
+
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        self.vision.set_gradient_checkpointing(enable)
+        self.language.set_gradient_checkpointing(enable)
+
+    def depths(self) -> Depths:
+        """Module, depth and layer count of every parameter (names relative to this module)."""
+        out: Depths = {}
+        vdepth, vn = self.vision.layer_ids()
+        for name, d in vdepth.items():
+            out[f"vision.model.{name}"] = (MODULE_VISION, d, vn)
+        ldepth, ln = self.language.layer_ids()
+        for name, d in ldepth.items():
+            out[f"language.model.{name}"] = (MODULE_LANGUAGE, d, ln)
+        for name, _ in self.projector.named_parameters():
+            out[f"projector.{name}"] = (MODULE_PROJECTOR, 0, 1)
+        return out

@@ -1,0 +1,116 @@
+"""Language backbone: any transformers causal LM or encoder, by config dict, name or local dir."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from vla_ft.errors import CheckpointError, ConfigError
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def build_hf_config(spec: dict[str, Any], key: str) -> PretrainedConfig:
+    """A transformers config from ``{"model_type": ..., **fields}``.
+
+    Raises:
+        ConfigError: unknown ``model_type`` (names ``key``).
+    """
+    spec = dict(spec)
+    model_type = spec.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **spec)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{key}: model_type={model_type!r} is not a transformers model type ({exc})"
+        ) from None
+
+
+def hub_or_dir(name: str, key: str) -> str:
+    """Check that ``name`` is a local dir or, when online, a hub id; fail fast offline.
+
+    Raises:
+        CheckpointError: ``name`` is not a local dir and the hub is offline (HF_HUB_OFFLINE).
+    """
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(
+            f"{key}={name!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1): "
+            "download it elsewhere and give its directory, or use a preset"
+        )
+    return name
+
+
+def load_hf_model(
+    auto_cls: Any, spec: str | dict[str, Any], key: str, trust_remote_code: bool
+) -> PreTrainedModel:
+    """Build from a config dict (random init) or load ``from_pretrained`` from a dir / hub id."""
+    if isinstance(spec, dict):
+        return auto_cls.from_config(build_hf_config(spec, key), trust_remote_code=trust_remote_code)
+    source = hub_or_dir(spec, key)
+    try:
+        return auto_cls.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise CheckpointError(f"{key}={spec!r}: cannot load a transformers model from it ({exc})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{key}={spec!r}: not loadable with {auto_cls.__name__} ({exc})") from None
+
+
+class LanguageBackbone(nn.Module):
+    """A transformers base model (no LM head) run on input embeddings.
+
+    Args:
+        spec: config dict with ``model_type`` (random init) or a model dir / hub id.
+        trust_remote_code: passed to transformers (off unless the user turns it on).
+    """
+
+    def __init__(self, spec: str | dict[str, Any], trust_remote_code: bool = False) -> None:
+        super().__init__()
+        self.model = load_hf_model(AutoModel, spec, "model.language", trust_remote_code)
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.num_blocks = int(getattr(self.model.config, "num_hidden_layers", 0))
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) int64 -> (B, L, D)."""
+        return self.model.get_input_embeddings()(ids)
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) embeddings + (B, N) attention mask -> (B, N, D) final hidden states."""
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        """Embeddings depth 0, block i depth i+1, final norm depth num_blocks+1."""
+        return transformer_depths(self.model, self.num_blocks)
+
+
+def transformer_depths(module: nn.Module, num_blocks: int) -> tuple[dict[str, int], int]:
+    """Depth per parameter of a transformer stack by its ``layers.<i>.`` names.
+
+    Parameters before the first block (names containing ``embed``) get 0, block ``i`` gets
+    ``i + 1``, everything else (final norms, poolers) gets ``num_blocks + 1``.
+    """
+    depth = {}
+    for name, _ in module.named_parameters():
+        m = _BLOCK.search(name)
+        if m:
+            depth[name] = int(m.group(1)) + 1
+        elif "embed" in name:
+            depth[name] = 0
+        else:
+            depth[name] = num_blocks + 1
+    return depth, num_blocks + 2

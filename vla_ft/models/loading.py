@@ -1,0 +1,288 @@
+"""Build, save and load VLA policies.
+
+``load_vla(model_cfg, info)`` accepts ``model_cfg.pretrained`` = a directory in our format, a hub id
+(only online; offline fails fast) or null (build ``model_cfg.preset`` with random weights).
+
+Checkpoint dir: ``config.json`` (format, model config, dims, resolved architecture with full
+transformers config dicts so no source model is needed to rebuild), ``model.safetensors``,
+``normalization.json`` (when a normalizer is installed) and the tokenizer files. No pickle.
+
+When a checkpoint is loaded for a dataset (``info`` given), architecture fields come from the
+checkpoint and runtime fields (dropout, inference options, freeze, bounds) from ``model_cfg``; the
+action dimension must match; a different task count, chunk length, camera/history count or state
+size re-initializes the affected tensors with a logged warning (the head adapts to the new task).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_model
+
+from vla_ft.config import ModelConfig
+from vla_ft.errors import CheckpointError
+from vla_ft.models.backbone import NativeBackbone
+from vla_ft.models.language import hub_or_dir
+from vla_ft.models.params import apply_freeze, count_parameters
+from vla_ft.models.policy import ModelDims, VLAPolicy
+from vla_ft.models.presets import get_preset
+from vla_ft.models.tokenizer import byte_tokenizer, check_vocab, has_tokenizer, load_tokenizer
+from vla_ft.models.vlm import VLMBackbone
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vla_ft.policy"
+CONFIG_FILE, WEIGHTS_FILE, NORM_FILE = "config.json", "model.safetensors", "normalization.json"
+# fields that define tensors: taken from the checkpoint when one is loaded
+ARCH_FIELDS = (
+    "preset",
+    "vision",
+    "language",
+    "vlm",
+    "action_head",
+    "n_bins",
+    "bin_range",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+)
+# tensors rebuilt (not loaded) when the data's dims differ from the checkpoint's
+ADAPTABLE = ("task_head.", "action_queries", "view_embed", "state_proj.")
+
+
+def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    text = dict(text)
+    if cfg.hidden_size is not None:
+        text["hidden_size"], text["intermediate_size"] = cfg.hidden_size, 2 * cfg.hidden_size
+    if cfg.num_layers is not None:
+        text["num_hidden_layers"] = cfg.num_layers
+    if cfg.num_heads is not None:
+        text["num_attention_heads"] = text["num_key_value_heads"] = cfg.num_heads
+    return text
+
+
+def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture to build: preset values with the config's overrides applied."""
+    preset = get_preset(cfg.preset)
+    if cfg.vlm is not None or preset.kind == "vlm":
+        vlm: Any = cfg.vlm if cfg.vlm is not None else copy.deepcopy(preset.vlm)
+        if isinstance(vlm, dict):
+            vlm["text_config"] = _size_overrides(vlm["text_config"], cfg)
+        return {"kind": "vlm", "vlm": vlm}
+    custom_vision = cfg.vision is not None and cfg.vision != preset.vision
+    language: Any = cfg.language if cfg.language is not None else _size_overrides(preset.language, cfg)
+    return {
+        "kind": "native",
+        "vision": cfg.vision or preset.vision,
+        "vision_kwargs": dict(cfg.extra.get("vision_kwargs", {} if custom_vision else preset.vision_kwargs)),
+        "pool_grid": int(cfg.extra.get("pool_grid", preset.pool_grid)),
+        "channels_last": bool(cfg.extra.get("channels_last", preset.channels_last)),
+        "language": language,
+    }
+
+
+def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: str | None) -> torch.nn.Module:
+    if arch["kind"] == "vlm":
+        return VLMBackbone(arch["vlm"], cfg.trust_remote_code)
+    return NativeBackbone(
+        arch["vision"],
+        arch["vision_kwargs"],
+        arch["pool_grid"],
+        arch["language"],
+        vision_pretrained,
+        arch["channels_last"],
+        cfg.trust_remote_code,
+    )
+
+
+def _saved_arch(arch: dict[str, Any], backbone: torch.nn.Module) -> dict[str, Any]:
+    """Replace model dirs / hub ids by the full config dicts so a checkpoint rebuilds on its own."""
+    out = dict(arch)
+    if arch["kind"] == "vlm":
+        out["vlm"] = backbone.model.config.to_dict()
+    else:
+        out["language"] = backbone.language.model.config.to_dict()
+    return out
+
+
+def build_policy(cfg: ModelConfig, dims: ModelDims, arch: dict[str, Any] | None = None) -> VLAPolicy:
+    """A policy with random (or component-pretrained) weights; all parameters trainable."""
+    fresh = arch is None
+    arch = resolve_arch(cfg) if fresh else arch
+    backbone = _build_backbone(arch, cfg, cfg.vision_pretrained if fresh else None)
+    source = arch.get("vlm") if arch["kind"] == "vlm" else arch.get("language")
+    if isinstance(source, str) and has_tokenizer(source):
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    else:
+        tokenizer = byte_tokenizer()
+    check_vocab(tokenizer, backbone.vocab_size, "model")
+    policy = VLAPolicy(cfg, dims, backbone, tokenizer, _saved_arch(arch, backbone))
+    if cfg.gradient_checkpointing:
+        policy.set_gradient_checkpointing(True)
+    apply_freeze(policy, cfg.freeze)
+    return policy
+
+
+def save_pretrained(policy: VLAPolicy, out_dir: str | Path) -> Path:
+    """Write config.json, model.safetensors, normalization.json and the tokenizer into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "model": dataclasses.asdict(policy.cfg),
+        "dims": dataclasses.asdict(policy.dims),
+        "arch": policy.arch,
+    }
+    save_model(policy, str(out / WEIGHTS_FILE))  # drops duplicate names of shared (tied) tensors
+    if policy.normalizer is not None:
+        policy.normalizer.save(out / NORM_FILE)
+    policy.tokenizer.save_pretrained(str(out))
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(
+            f"{path}: no {CONFIG_FILE}; not a vla-ft checkpoint (save with save_pretrained)"
+        )
+    if not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path}: no {WEIGHTS_FILE}; the checkpoint is incomplete, re-save it")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: format={meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def _shared_groups(policy: VLAPolicy) -> dict[str, set[str]]:
+    """Name -> names of all tensors sharing its storage (tied weights)."""
+    by_ptr: dict[tuple, set[str]] = {}
+    state = policy.state_dict(keep_vars=True)
+    for name, t in state.items():
+        by_ptr.setdefault((t.device, t.untyped_storage().data_ptr()), set()).add(name)
+    return {name: group for group in by_ptr.values() for name in group}
+
+
+def load_weights(policy: VLAPolicy, file: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Load ``file`` into ``policy``; names starting with a prefix in ``skip`` keep their init.
+
+    Returns:
+        names of tensors skipped because their shape differs and they are in ``skip``.
+
+    Raises:
+        CheckpointError: missing, unexpected or mismatched tensors (the first few are named).
+    """
+    loaded = load_file(str(file))
+    own = policy.state_dict()
+    groups = _shared_groups(policy)
+    missing = [n for n in own if n not in loaded and not (groups[n] & loaded.keys())]
+    unexpected = [n for n in loaded if n not in own]
+    mismatched = [n for n in loaded if n in own and loaded[n].shape != own[n].shape]
+    adapted = [n for n in mismatched if n.startswith(skip)]
+    bad = [n for n in mismatched if n not in adapted]
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    if missing or unexpected or bad:
+        parts = [f"missing: {few(missing)}"] * bool(missing) + [f"unexpected: {few(unexpected)}"] * bool(
+            unexpected
+        )
+        parts += [
+            f"shape mismatch: {few([f'{n} {tuple(loaded[n].shape)} vs {tuple(own[n].shape)}' for n in bad])}"
+        ] * bool(bad)
+        raise CheckpointError(f"{file}: tensors do not match the model ({'; '.join(parts)})")
+    state = {n: t for n, t in loaded.items() if n not in adapted}
+    for name in list(state):  # fill tied duplicates dropped at save time
+        for other in groups[name]:
+            state.setdefault(other, state[name])
+    policy.load_state_dict(state, strict=False)
+    return adapted
+
+
+def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any = None) -> VLAPolicy:
+    """Load a checkpoint directory (see module docstring for how ``cfg`` and ``info`` apply).
+
+    Raises:
+        CheckpointError: missing files, a different action dimension, or tensors that do not match.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    saved_cfg = ModelConfig(**meta["model"])
+    if cfg is None:
+        cfg = saved_cfg
+    else:
+        cfg = dataclasses.replace(
+            cfg, **{k: getattr(saved_cfg, k) for k in ARCH_FIELDS}, pretrained=str(path)
+        )
+    saved_dims = ModelDims(**{**meta["dims"], "image_size": tuple(meta["dims"]["image_size"])})
+    dims = saved_dims if info is None else ModelDims.from_info(info)
+    if dims.action_dim != saved_dims.action_dim:
+        raise CheckpointError(
+            f"{path}: checkpoint action_dim={saved_dims.action_dim} but the data has action_dim={dims.action_dim}; "
+            "use a checkpoint trained for this action space (or a preset)"
+        )
+    policy = build_policy(cfg, dims, arch=meta["arch"])
+    adapted = load_weights(policy, path / WEIGHTS_FILE, skip=ADAPTABLE)
+    if adapted:
+        log.warning(
+            "%s: re-initialized %s (data dims differ from the checkpoint's)", path, ", ".join(adapted)
+        )
+    policy.tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    if (path / NORM_FILE).is_file():
+        from vla_ft.data.normalize import Normalizer
+
+        policy.set_normalizer(Normalizer.load(path / NORM_FILE))
+    if info is not None and getattr(info, "normalizer", None) is not None:
+        policy.set_normalizer(info.normalizer)
+    return policy
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    hub_or_dir(repo_id, "model.pretrained")  # offline: fails fast
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id))
+
+
+def load_vla(model_cfg: ModelConfig, info: Any = None) -> VLAPolicy:
+    """Build or load a policy and log its trainable parameter count.
+
+    Args:
+        model_cfg: the ``model`` config section.
+        info: a DatasetInfo-like object (dims, task names, normalizer); required for presets.
+    """
+    if model_cfg.pretrained is not None:
+        path = Path(model_cfg.pretrained)
+        if (
+            not path.exists()
+            and "/" in model_cfg.pretrained
+            and not model_cfg.pretrained.startswith((".", "/"))
+        ):
+            path = _hub_snapshot(model_cfg.pretrained)
+        policy = from_pretrained(path, model_cfg, info)
+    else:
+        if info is None:
+            raise CheckpointError(
+                "load_vla: building a preset needs the dataset's dims (pass info=DatasetInfo)"
+            )
+        policy = build_policy(model_cfg, ModelDims.from_info(info))
+        if getattr(info, "normalizer", None) is not None:
+            policy.set_normalizer(info.normalizer)
+    trainable, total = count_parameters(policy)
+    log.info("VLA policy: %s trainable / %s parameters", f"{trainable:,}", f"{total:,}")
+    print(f"[vla_ft.models] {trainable:,} trainable / {total:,} parameters")
+    return policy

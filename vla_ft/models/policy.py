@@ -1,0 +1,246 @@
+"""VLAPolicy: backbone tokens -> action chunk + task outputs; inference with a chunk queue.
+
+Token sequence fed to the language model (one pass, all action-chunk steps decoded in parallel):
+
+    [image tokens (T*K*P)] [state (1)] [instruction (L)] [action queries (H)] [readout (1)]
+
+With a causal LM every query sees the images, the state and the instruction; the readout token
+(last) sees everything and feeds the task head.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vla_ft.config import ModelConfig
+from vla_ft.constants import IMAGES, INSTR_IDS, INSTR_MASK, OUT_ACTION, OUT_HIDDEN, STATE
+from vla_ft.models.heads import ACTION_HEADS, TaskHead
+
+
+@dataclass
+class ModelDims:
+    """Shapes that come from the data (a ``DatasetInfo`` provides them)."""
+
+    action_dim: int
+    state_dim: int
+    image_keys: list[str]
+    state_keys: list[str] = field(default_factory=list)
+    image_size: tuple[int, int] = (64, 64)
+    history: int = 1
+    chunk: int = 4
+    task_names: list[str] = field(default_factory=lambda: ["task"])
+
+    @classmethod
+    def from_info(cls, info: Any) -> ModelDims:
+        return cls(
+            action_dim=int(info.action_dim),
+            state_dim=int(info.state_dim),
+            image_keys=list(info.image_keys),
+            state_keys=list(getattr(info, "state_keys", [])),
+            image_size=(int(info.image_size[0]), int(info.image_size[1])),
+            history=int(info.history),
+            chunk=int(info.chunk),
+            task_names=list(info.task_names) or ["task"],
+        )
+
+    @property
+    def num_tasks(self) -> int:
+        return max(1, len(self.task_names))
+
+
+class VLAPolicy(nn.Module):
+    """A vision-language-action policy.
+
+    Args:
+        cfg: the model config (head type, bins, inference options).
+        dims: data shapes.
+        backbone: a NativeBackbone or VLMBackbone.
+        tokenizer: the instruction tokenizer (``policy.tokenizer``).
+        arch: resolved architecture description (saved in config.json to rebuild the model).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, dims: ModelDims, backbone: nn.Module, tokenizer: Any, arch: dict
+    ) -> None:
+        super().__init__()
+        self.cfg, self.dims, self.tokenizer, self.arch = cfg, dims, tokenizer, arch
+        self.normalizer: Any = None
+        self.backbone = backbone
+        d = backbone.hidden_size
+        n_views = dims.history * len(dims.image_keys)
+        self.view_embed = nn.Parameter(torch.randn(n_views, d) * 0.02)  # per (frame, camera)
+        s = dims.history * dims.state_dim
+        self.state_proj = nn.Linear(s, d) if s > 0 else None
+        self.action_queries = nn.Parameter(torch.randn(dims.chunk, d) * 0.02)
+        self.readout = nn.Parameter(torch.randn(1, d) * 0.02)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.action_head = ACTION_HEADS[cfg.action_head](
+            d, dims.action_dim, n_bins=cfg.n_bins, bin_range=cfg.bin_range, decode=cfg.bin_decode
+        )
+        self.task_head = TaskHead(d, dims.num_tasks)
+        self.reset()
+
+    # ------------------------------------------------------------------ training forward
+    @property
+    def action_bins(self) -> nn.Module | None:
+        """The binned head (``to_bins`` / ``from_bins`` / ``centers``) or None for continuous."""
+        return self.action_head if self.cfg.action_head == "binned" else None
+
+    def _sequence(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch[IMAGES]  # (B, T, K, 3, H, W) uint8
+        b, t, k = images.shape[:3]
+        x = images.reshape(b * t * k, *images.shape[3:]).float() / 255.0
+        img = self.backbone.encode_images(x)  # (B*T*K, P, D)
+        img = img.reshape(b, t * k, img.shape[1], -1) + self.view_embed[:, None].to(img.dtype)
+        img = img.reshape(b, -1, img.shape[-1])  # (B, T*K*P, D)
+        parts = [img]
+        if self.state_proj is not None:
+            parts.append(self.state_proj(batch[STATE].reshape(b, -1).to(img.dtype))[:, None])  # (B, 1, D)
+        ids, mask = batch[INSTR_IDS], batch[INSTR_MASK]
+        n = max(1, int(mask.sum(1).max()))  # right-padded: drop columns of padding only
+        parts.append(self.backbone.embed_tokens(ids[:, :n]))  # (B, L, D)
+        parts.append(self.action_queries[None].expand(b, -1, -1).to(img.dtype))  # (B, H, D)
+        parts.append(self.readout[None].expand(b, -1, -1).to(img.dtype))  # (B, 1, D)
+        seq = self.dropout(torch.cat(parts, dim=1))  # (B, N, D)
+        ones = mask.new_ones
+        n_pre = seq.shape[1] - n - self.dims.chunk - 1
+        attn = torch.cat([ones(b, n_pre), mask[:, :n], ones(b, self.dims.chunk + 1)], dim=1)  # (B, N)
+        return seq, attn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Predict the normalized action chunk and task outputs; the batch is not modified.
+
+        Args:
+            batch: IMAGES uint8 (B, T, K, 3, H, W), STATE (B, T, S), INSTR_IDS/INSTR_MASK (B, L).
+
+        Returns:
+            OUT_ACTION (B, H, A) [+ OUT_ACTION_LOGITS (B, H, A, NB)], OUT_TASK_LOGITS (B, NT),
+            OUT_PROGRESS (B,), OUT_HIDDEN (B, N, D).
+        """
+        seq, attn = self._sequence(batch)
+        hidden = self.backbone(seq, attn)  # (B, N, D)
+        h = self.dims.chunk
+        out = dict(self.action_head(hidden[:, -h - 1 : -1].float()))
+        out.update(self.task_head(hidden[:, -1].float()))
+        out[OUT_HIDDEN] = hidden
+        return out
+
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        """Activation checkpointing in the vision and language backbones."""
+        self.backbone.set_gradient_checkpointing(enable)
+
+    def save_pretrained(self, out_dir: Any) -> Any:
+        """Write config.json, model.safetensors, normalization.json and tokenizer files."""
+        from vla_ft.models.loading import save_pretrained
+
+        return save_pretrained(self, out_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: Any, cfg: ModelConfig | None = None, info: Any = None) -> VLAPolicy:
+        """Load a checkpoint directory written by :meth:`save_pretrained`."""
+        from vla_ft.models.loading import from_pretrained
+
+        return from_pretrained(path, cfg, info)
+
+    def set_normalizer(self, normalizer: Any) -> None:
+        """Install action/state normalization stats (used by predict_action and saved with the model)."""
+        self.normalizer = normalizer
+
+    # ------------------------------------------------------------------ inference
+    def obs_spec(self) -> Any:
+        from vla_ft.data.transforms import ObsSpec
+
+        d = self.dims
+        return ObsSpec(tuple(d.image_keys), tuple(d.state_keys), tuple(d.image_size), d.history)
+
+    def _inputs(self, obs: dict[str, np.ndarray], instructions: list[str]) -> dict[str, torch.Tensor]:
+        from vla_ft.data.transforms import obs_to_inputs
+
+        inputs = obs_to_inputs(obs, self.obs_spec(), self.normalizer, batched=True)
+        for key in (IMAGES, STATE):  # too few frames: repeat the oldest (as at an episode start)
+            x = inputs[key]
+            if x.shape[1] < self.dims.history:
+                pad = x[:, :1].expand(-1, self.dims.history - x.shape[1], *x.shape[2:])
+                inputs[key] = torch.cat([pad, x], dim=1)
+        tok = self.tokenizer(instructions, padding="longest", return_tensors="pt")
+        inputs[INSTR_IDS] = tok["input_ids"].long()
+        inputs[INSTR_MASK] = tok["attention_mask"].long()
+        device = next(self.parameters()).device
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def predict_action(self, obs: dict[str, np.ndarray], instruction: str | list[str]) -> np.ndarray:
+        """Action chunk(s) in env units, clipped to [action_low, action_high].
+
+        Args:
+            obs: env observation; batched (leading N) when ``instruction`` is a list of N strings.
+            instruction: one string (single obs) or a list of N strings.
+
+        Returns:
+            float32 (H, A) for a single observation, (N, H, A) for a batch.
+        """
+        single = isinstance(instruction, str)
+        if single:
+            obs = {k: np.asarray(v)[None] for k, v in obs.items()}
+            instruction = [instruction]
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                norm = (
+                    self(self._inputs(obs, list(instruction)))[OUT_ACTION].float().cpu().numpy()
+                )  # (N, H, A)
+        finally:
+            self.train(was_training)
+        act = self.normalizer.unnormalize_action(norm) if self.normalizer is not None else norm
+        act = np.clip(np.asarray(act, dtype=np.float32), self.cfg.action_low, self.cfg.action_high)
+        return act[0] if single else act
+
+    def reset(self) -> None:
+        """Clear the action queue / ensemble buffer and the frame history (call at episode start)."""
+        self._queue: collections.deque = collections.deque()
+        self._chunks: list[tuple[int, np.ndarray]] = []  # (step predicted, (N, H, A)) for ensembling
+        self._frames: collections.deque = collections.deque(maxlen=self.dims.history)
+        self._step = 0
+
+    def _stacked_obs(self, obs: dict[str, np.ndarray], batched: bool) -> dict[str, np.ndarray]:
+        """Keep the last ``history`` frames; stack them on a T axis (after N)."""
+        frame = obs if batched else {k: np.asarray(v)[None] for k, v in obs.items()}
+        self._frames.append(frame)
+        keys = list(self.dims.image_keys) + list(self.dims.state_keys)
+        return {k: np.stack([f[k] for f in self._frames], axis=1) for k in keys}
+
+    def select_action(self, obs: dict[str, np.ndarray], instruction: str | list[str]) -> np.ndarray:
+        """One action per call: executes ``n_action_steps`` of each chunk, or ensembles chunks.
+
+        Args:
+            obs: one env observation (or batched with leading N when ``instruction`` is a list).
+            instruction: str, or list of N str.
+
+        Returns:
+            float32 (A,) (or (N, A) batched) in env units.
+        """
+        batched = not isinstance(instruction, str)
+        instr = list(instruction) if batched else [instruction]
+        stacked = self._stacked_obs(obs, batched)
+        k = self.cfg.temporal_ensemble
+        if k is not None:
+            self._chunks.append((self._step, self.predict_action(stacked, instr)))
+            self._chunks = [(s, c) for s, c in self._chunks if self._step - s < self.dims.chunk]
+            acts = np.stack([c[:, self._step - s] for s, c in self._chunks])  # (M, N, A), oldest first
+            w = np.exp(-k * np.arange(len(acts)))  # ACT: w_i = exp(-k * i), i = 0 the oldest
+            action = (w[:, None, None] * acts).sum(0) / w.sum()
+        else:
+            if not self._queue:
+                chunk = self.predict_action(stacked, instr)  # (N, H, A)
+                steps = self.cfg.n_action_steps or self.dims.chunk
+                self._queue.extend(chunk[:, i] for i in range(min(steps, self.dims.chunk)))
+            action = self._queue.popleft()
+        self._step += 1
+        action = np.asarray(action, dtype=np.float32)
+        return action if batched else action[0]
