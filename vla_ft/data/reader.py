@@ -126,9 +126,12 @@ def _text(v: Any) -> str:
 
 
 def _detect_layout(data: h5py.Group, first_obs: Sequence[str]) -> str:
-    if "problem_info" in data.attrs or "agentview_rgb" in first_obs:
+    """Camera key names decide (our writer also stores ``problem_info``); else ``problem_info``."""
+    if "agentview_rgb" in first_obs:
         return "libero"
-    return "robomimic"
+    if "agentview_image" in first_obs:
+        return "robomimic"
+    return "libero" if "problem_info" in data.attrs else "robomimic"
 
 
 def _default_keys(layout: str, kind: str, obs_keys: Sequence[str]) -> list[str]:
