@@ -1,0 +1,99 @@
+"""Demo collection into the robomimic/LIBERO HDF5 layout, read back with plain h5py."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+import vla_ft.data.collect as collect
+from vla_ft.config import load_config
+from vla_ft.errors import DataError
+
+
+def _cfg(tmp_path, *extra):
+    out = tmp_path / "demos.hdf5"
+    overrides = [f"collect.output={out}", "collect.episodes=3", "env.image_size=32", *extra]
+    return load_config("pick_place.yaml", overrides), out
+
+
+def test_collect_layout_two_tasks_parallel(tmp_path):
+    cfg, out = _cfg(
+        tmp_path, "collect.tasks=[pick_place,push]", "collect.workers=2", "collect.valid_fraction=0.34"
+    )
+    assert collect.run_collect(cfg) == out
+    assert not out.with_name(out.name + ".tmp").exists()
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        env_args = json.loads(data.attrs["env_args"])
+        problem = json.loads(data.attrs["problem_info"])
+        assert env_args["tasks"] == ["pick_place", "push"] and env_args["env_kwargs"]["image_size"] == 32
+        assert problem["language_instruction"] == data["demo_0"].attrs["language_instruction"]
+        names = sorted(data, key=lambda n: int(n.split("_")[1]))
+        assert names == [f"demo_{i}" for i in range(6)]
+        total = 0
+        for name in names:
+            demo = data[name]
+            steps = int(demo.attrs["num_samples"])
+            total += steps
+            assert demo.attrs["task"] in ("pick_place", "push") and demo.attrs["language_instruction"]
+            img = demo["obs/agentview_image"]
+            assert img.dtype == np.uint8 and img.shape == (steps, 32, 32, 3)
+            assert img.chunks == (1, 32, 32, 3) and img.compression == "gzip"
+            assert demo["obs/wrist_image"].shape == (steps, 32, 32, 3)
+            assert demo["obs/ee_pos"].shape == (steps, 3) and demo["obs/gripper_qpos"].shape == (steps, 2)
+            assert demo["actions"].dtype == np.float32 and demo["actions"].shape == (steps, 4)
+            assert np.abs(demo["actions"][:]).max() <= 1.0
+            assert demo["rewards"].shape == (steps,) and demo["rewards"][-1] == 1.0
+            assert (
+                demo["dones"].dtype == np.uint8 and demo["dones"][-1] == 1 and demo["dones"][:-1].sum() == 0
+            )
+            assert demo["states"].dtype == np.float64 and demo["states"].shape[0] == steps
+        assert data.attrs["total"] == total
+        assert [data[n].attrs["task"] for n in names] == ["pick_place"] * 3 + ["push"] * 3
+        train = [n.decode() for n in f["mask/train"][:]]
+        valid = [n.decode() for n in f["mask/valid"][:]]
+        assert len(valid) == 2 and sorted(train + valid) == sorted(names) and not set(train) & set(valid)
+
+
+def test_collect_is_independent_of_workers(tmp_path):
+    files = []
+    for workers in (1, 2):
+        cfg, out = _cfg(tmp_path / str(workers), f"collect.workers={workers}", "collect.episodes=2")
+        files.append(collect.run_collect(cfg))
+    with h5py.File(files[0], "r") as a, h5py.File(files[1], "r") as b:
+        for name in ("demo_0", "demo_1"):
+            assert np.array_equal(a[f"data/{name}/actions"][:], b[f"data/{name}/actions"][:])
+            assert a[f"data/{name}"].attrs["seed"] == b[f"data/{name}"].attrs["seed"]
+
+
+def test_interrupted_collection_leaves_no_file(tmp_path, monkeypatch):
+    cfg, out = _cfg(tmp_path, "collect.workers=1")
+    real = collect.run_episode
+    calls = []
+
+    def flaky(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(collect, "run_episode", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        collect.run_collect(cfg)
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+def test_not_enough_successes_is_a_clear_error(tmp_path, monkeypatch):
+    cfg, out = _cfg(tmp_path, "collect.workers=1", "collect.episodes=1", "collect.max_attempts_factor=2")
+    real = collect.run_episode
+    monkeypatch.setattr(collect, "run_episode", lambda job: {**real(job), "success": False})
+    with pytest.raises(DataError, match="max_attempts_factor"):
+        collect.run_collect(cfg)
+    assert not out.exists()
+
+
+def test_unknown_task_in_collect_lists_valid_names(tmp_path):
+    cfg, _ = _cfg(tmp_path, "collect.tasks=[pick_plaec]")
+    with pytest.raises(ValueError, match="valid tasks: pick_place"):
+        collect.run_collect(cfg)
