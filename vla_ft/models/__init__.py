@@ -5,6 +5,7 @@ from vla_ft.models.loading import build_policy, from_pretrained, load_vla, save_
 from vla_ft.models.params import ParamInfo, count_parameters, param_info
 from vla_ft.models.policy import ModelDims, VLAPolicy
 from vla_ft.models.presets import PRESETS, Preset, get_preset, list_presets
+from vla_ft.models.tokenizer import load_tokenizer
 
 __all__ = [
     "ACTION_HEADS",
@@ -21,6 +22,7 @@ __all__ = [
     "from_pretrained",
     "get_preset",
     "list_presets",
+    "load_tokenizer",
     "load_vla",
     "param_info",
     "save_pretrained",

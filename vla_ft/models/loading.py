@@ -32,7 +32,7 @@ from vla_ft.models.language import hub_or_dir
 from vla_ft.models.params import apply_freeze, count_parameters
 from vla_ft.models.policy import ModelDims, VLAPolicy
 from vla_ft.models.presets import get_preset
-from vla_ft.models.tokenizer import byte_tokenizer, check_vocab, has_tokenizer, load_tokenizer
+from vla_ft.models.tokenizer import byte_tokenizer, check_vocab, has_tokenizer, read_tokenizer
 from vla_ft.models.vlm import VLMBackbone
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def build_policy(cfg: ModelConfig, dims: ModelDims, arch: dict[str, Any] | None 
     backbone = _build_backbone(arch, cfg, cfg.vision_pretrained if fresh else None)
     source = arch.get("vlm") if arch["kind"] == "vlm" else arch.get("language")
     if isinstance(source, str) and has_tokenizer(source):
-        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        tokenizer = read_tokenizer(source, cfg.trust_remote_code)
     else:
         tokenizer = byte_tokenizer()
     check_vocab(tokenizer, backbone.vocab_size, "model")
@@ -241,7 +241,7 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
         log.warning(
             "%s: re-initialized %s (data dims differ from the checkpoint's)", path, ", ".join(adapted)
         )
-    policy.tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    policy.tokenizer = read_tokenizer(path, cfg.trust_remote_code)
     if (path / NORM_FILE).is_file():
         from vla_ft.data.normalize import Normalizer
 

@@ -153,7 +153,18 @@ class VLAPolicy(nn.Module):
         self.normalizer = normalizer
 
     # ------------------------------------------------------------------ inference
+    @property
+    def action_dim(self) -> int:
+        return self.dims.action_dim
+
+    @property
+    def bin_range(self) -> tuple[float, float]:
+        """(low, high) of the action bins in normalized units (binned head; losses discretize with it)."""
+        return (-self.cfg.bin_range, self.cfg.bin_range)
+
+    @property
     def obs_spec(self) -> Any:
+        """The ObsSpec (keys, image size, history) ``predict_action`` feeds ``obs_to_inputs``."""
         from vla_ft.data.transforms import ObsSpec
 
         d = self.dims
@@ -162,7 +173,7 @@ class VLAPolicy(nn.Module):
     def _inputs(self, obs: dict[str, np.ndarray], instructions: list[str]) -> dict[str, torch.Tensor]:
         from vla_ft.data.transforms import obs_to_inputs
 
-        inputs = obs_to_inputs(obs, self.obs_spec(), self.normalizer, batched=True)
+        inputs = obs_to_inputs(obs, self.obs_spec, self.normalizer, batched=True)
         for key in (IMAGES, STATE):  # too few frames: repeat the oldest (as at an episode start)
             x = inputs[key]
             if x.shape[1] < self.dims.history:

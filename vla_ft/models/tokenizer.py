@@ -25,7 +25,7 @@ def has_tokenizer(path: str | Path) -> bool:
     return any((Path(path) / f).is_file() for f in _TOKENIZER_FILES)
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+def read_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved in directory ``path``.
 
     Raises:
@@ -50,3 +50,16 @@ def check_vocab(tokenizer: Any, vocab_size: int, where: str) -> None:
             f"{where}: tokenizer has {len(tokenizer)} tokens but the embedding table only {vocab_size}; "
             "use the backbone's own tokenizer"
         )
+
+
+def load_tokenizer(model_cfg: Any) -> Any:
+    """The tokenizer a policy built/loaded from ``model_cfg`` will use (needed before the data loads).
+
+    A checkpoint dir's saved tokenizer; else the tokenizer in the ``model.vlm`` / ``model.language``
+    dir when it has one; else the byte-level tokenizer.
+    """
+    trust = bool(getattr(model_cfg, "trust_remote_code", False))
+    for source in (model_cfg.pretrained, model_cfg.vlm, model_cfg.language):
+        if source is not None and Path(source).is_dir() and has_tokenizer(source):
+            return read_tokenizer(source, trust)
+    return byte_tokenizer()
