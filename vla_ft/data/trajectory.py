@@ -27,6 +27,7 @@ from vla_ft.data.normalize import Normalizer
 from vla_ft.data.reader import FileScan, open_h5_handle, read_frames
 from vla_ft.data.sampler import ResumableSampler
 from vla_ft.data.transforms import ObsSpec, obs_to_inputs
+from vla_ft.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class TrajectoryDataset(Dataset):
         self.file_keys = [s.image_keys for s in scans]
         self.frame_bytes = [s.frame_bytes() for s in scans]
         sizes = [s.image_hw for s in scans]
+        self.file_hw = sizes
         self.file_size_id = np.array([sizes.index(hw) for hw in sizes], dtype=np.int64)  # per file
         self.spec, self.normalizer, self.chunk, self.tokens = spec, normalizer, chunk, tokens
         self.instructions = list(instructions)
@@ -113,8 +115,9 @@ class TrajectoryDataset(Dataset):
         self.state_dims = list(scans[0].state_dims)  # per state key, to split a flat row back into keys
         self.demo_instr = torch.tensor([r.instruction for r in self.refs], dtype=torch.int64)
         self.demo_task = torch.tensor([r.task for r in self.refs], dtype=torch.int64)
-        self.image_cache: list[list[np.ndarray]] | None = None
+        self.image_cache: dict[int, list[np.ndarray]] | None = None  # size id -> per camera slot
         self._handles: dict[int, h5py.File] = {}
+        self._datasets: dict[tuple[int, str, str], h5py.Dataset] = {}
         self._pid = os.getpid()
         if cache_images:
             self._cache_images()
@@ -136,44 +139,75 @@ class TrajectoryDataset(Dataset):
 
     def _handle(self, f: int) -> h5py.File:
         if self._pid != os.getpid():  # forked into a worker: never touch the parent's handles
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         if f not in self._handles:
             self._handles[f] = open_h5_handle(self.paths[f])
         return self._handles[f]
+
+    def _read(self, ref: DemoRef, key: str, frames: np.ndarray) -> np.ndarray:
+        """Lazy read of frames (T,) of one camera: uint8 (T, H, W, 3); dataset objects are cached."""
+        h5 = self._handle(ref.file)  # resets the caches after a fork
+        ds = self._datasets.get((ref.file, ref.name, key))
+        if ds is None:
+            ds = self._datasets[(ref.file, ref.name, key)] = h5[f"data/{ref.name}/obs/{key}"]
+        lo, hi = int(frames.min()), int(frames.max())
+        try:
+            block = ds[lo : hi + 1]  # (hi-lo+1, H, W, 3)
+        except (OSError, RuntimeError):
+            raise DataError(
+                f"{self.paths[ref.file]}: {ref.name}/obs/{key}: cannot read frames "
+                f"{lo}..{hi}: truncated or corrupt file; re-collect or re-download it"
+            ) from None
+        return block[frames - lo]
 
     def close(self) -> None:
         """Close this process's file handles (they reopen on the next read)."""
         if self._pid == os.getpid():
             for h in self._handles.values():
                 h.close()
-        self._handles = {}
+        self._handles, self._datasets = {}, {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"] = {}  # spawn/forkserver workers open their own
+        state["_handles"], state["_datasets"] = {}, {}  # spawn/forkserver workers open their own
         return state
 
     def _cache_images(self) -> None:
-        cache = []
-        for r in self.refs:
-            h5 = self._handle(r.file)
-            frames = np.arange(r.length)
-            cache.append([read_frames(h5, r.name, k, frames) for k in self.file_keys[r.file]])
+        """Read every frame into one array per (stored size, camera slot): (N_g, H, W, 3) uint8."""
+        sizes = self.file_size_id[self.demo_file]  # (D,)
+        self.cache_rows = np.zeros(len(self), dtype=np.int64)  # global frame -> row in its size group
+        cache: dict[int, list[np.ndarray]] = {}
+        for sid in np.unique(sizes):
+            demos = np.flatnonzero(sizes == sid)
+            n = int(self.demo_len[demos].sum())
+            hw = self.file_hw[self.refs[int(demos[0])].file]
+            arrays = [np.empty((n, *hw, 3), np.uint8) for _ in self.spec.image_keys]
+            row = 0
+            for d in demos:
+                ref = self.refs[int(d)]
+                h5 = self._handle(ref.file)
+                for arr, key in zip(arrays, self.file_keys[ref.file]):
+                    arr[row : row + ref.length] = read_frames(h5, ref.name, key, np.arange(ref.length))
+                start = int(self.demo_start[d])
+                self.cache_rows[start : start + ref.length] = np.arange(row, row + ref.length)
+                row += ref.length
+            cache[int(sid)] = arrays
         self.image_cache = cache
         self.close()  # no open handles left in the parent before DataLoader workers fork
 
     # ---- samples -----------------------------------------------------------------------------
 
-    def _images(self, d: np.ndarray, hist: np.ndarray) -> list[np.ndarray]:
-        """Per camera slot: uint8 (B, T, H, W, 3) frames ``hist`` (B, T) of demos ``d`` (B,)."""
+    def _images(self, d: np.ndarray, frames: np.ndarray, hist: np.ndarray) -> list[np.ndarray]:
+        """Per camera slot: uint8 (B, T, H, W, 3) at global frames ``frames`` (B, T) = demo ``d`` (B,)
+        frames ``hist`` (B, T); all demos here share one stored image size."""
+        if self.image_cache is not None:
+            arrays = self.image_cache[int(self.file_size_id[self.demo_file[d[0]]])]
+            rows = self.cache_rows[frames]  # (B, T)
+            return [arr[rows] for arr in arrays]
         per_sample = []
         for b in range(len(d)):
             ref = self.refs[int(d[b])]
-            if self.image_cache is not None:
-                per_sample.append([cam[hist[b]] for cam in self.image_cache[int(d[b])]])
-            else:
-                h5 = self._handle(ref.file)
-                per_sample.append([read_frames(h5, ref.name, k, hist[b]) for k in self.file_keys[ref.file]])
+            per_sample.append([self._read(ref, k, hist[b]) for k in self.file_keys[ref.file]])
         return [np.stack([s[k] for s in per_sample]) for k in range(len(self.spec.image_keys))]
 
     def _obs_inputs(self, d: np.ndarray, hist: np.ndarray, start: np.ndarray) -> dict[str, torch.Tensor]:
@@ -186,8 +220,9 @@ class TrajectoryDataset(Dataset):
         )
         parts = []
         for g in groups:
-            obs = {k: v for k, v in zip(self.spec.image_keys, self._images(d[g], hist[g]))}
-            state = self.state[start[g, None] + hist[g]]  # (b, T, S)
+            frames = start[g, None] + hist[g]  # (b, T) global frame indices
+            obs = {k: v for k, v in zip(self.spec.image_keys, self._images(d[g], frames, hist[g]))}
+            state = self.state[frames]  # (b, T, S)
             for key, part in zip(
                 self.spec.state_keys, np.split(state, np.cumsum(self.state_dims)[:-1], axis=-1)
             ):
