@@ -27,10 +27,13 @@ from envs.tasks import GOAL_DIM, Goal
 ENV_VERSION = "0.1"
 VALID_CAMERAS = ("agentview", "wrist")
 FINGER_OPEN = 0.05
-_BAD_WARNINGS = (
-    mujoco.mjtWarning.mjWARN_BADQPOS,
-    mujoco.mjtWarning.mjWARN_BADQVEL,
-    mujoco.mjtWarning.mjWARN_BADQACC,
+_BADQPOS, _BADQVEL, _BADQACC = (
+    int(w)
+    for w in (
+        mujoco.mjtWarning.mjWARN_BADQPOS,
+        mujoco.mjtWarning.mjWARN_BADQVEL,
+        mujoco.mjtWarning.mjWARN_BADQACC,
+    )
 )
 
 
@@ -133,12 +136,11 @@ class TabletopEnv(gym.Env):
         target = np.clip(self.sim.tcp() + action[:3] * self.action_scale, WORKSPACE_LO, WORKSPACE_HI)
         d.mocap_pos[self.sim.mocap_id] = target
         d.ctrl[:] = FINGER_OPEN * (1.0 - action[3]) / 2.0
-        before = [d.warning[w].number for w in _BAD_WARNINGS]
+        warnings_before = self._bad_warnings()
         mujoco.mj_step(m, d, nstep=self.n_substeps)
         self._steps += 1
-        physics_error = any(d.warning[w].number > b for w, b in zip(_BAD_WARNINGS, before)) or not (
-            np.isfinite(d.qpos).all() and np.isfinite(d.qvel).all()
-        )
+        # MuJoCo answers a bad qpos/qvel/qacc with a warning and mj_resetData; catch both signs.
+        physics_error = self._bad_warnings() > warnings_before or not np.isfinite(d.qvel).all()
         success = (not physics_error) and self.task.success(self.sim, self.sim.layout, self.goal)
         obs = self._obs()
         terminated = success or physics_error
@@ -156,6 +158,10 @@ class TabletopEnv(gym.Env):
             self._renderer = None
 
     # ----- helpers -----------------------------------------------------------------------
+    def _bad_warnings(self) -> int:
+        w = self.sim.data.warning
+        return w[_BADQPOS].number + w[_BADQVEL].number + w[_BADQACC].number
+
     def _set_goal(self, goal: Goal) -> None:
         self.goal = goal
         self.instruction = self.task.instruction(self.sim.layout, goal)
