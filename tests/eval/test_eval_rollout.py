@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from vla_ft.config import EnvConfig, EvalConfig
-from vla_ft.errors import CheckpointError, EnvError
+from vla_ft.errors import CheckpointError, ConfigError, EnvError
 from vla_ft.eval import evaluate
-from vla_ft.eval.worker import CRASH_ENV_VAR
+from vla_ft.eval.worker import CRASH_ENV_VAR, HANG_ENV_VAR
 
 pytestmark = pytest.mark.sim
 
@@ -36,6 +36,7 @@ def test_expert_scores_at_least_95_percent(tmp_path):
     assert all(e.instruction and e.task == "pick_place" for e in result.episodes)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["manifest"]["versions"]["mujoco"] and report["manifest"]["episodes"] == 20
+    assert report["manifest"]["max_steps"] > 0  # the task default, as the env applied it
     assert report["overall"]["mean_steps_to_success"] > 0
     assert any("success" in v for v in result.videos) and all(v.endswith(".mp4") for v in result.videos)
     assert "| **all** |" in (tmp_path / "eval.md").read_text()
@@ -70,6 +71,21 @@ def test_killed_worker_is_a_failure_and_the_run_completes(monkeypatch):
     assert all(e.success for e in result.episodes if e.reason != "worker_crash")
     assert result.report["timing"]["worker_restarts"] == 1
     assert result.report["overall"]["failure_reasons"] == {"worker_crash": len(crashed)}
+
+
+def test_silent_worker_times_out_as_a_crash(monkeypatch):
+    monkeypatch.setenv(HANG_ENV_VAR, "1")  # the worker resetting episode 1 sleeps for an hour
+    result = evaluate("expert", ENV, EvalConfig(episodes=3, workers=1, num_envs=1, worker_timeout_s=3))
+    assert [(e.index, e.reason) for e in result.episodes] == [
+        (0, "success"),
+        (1, "worker_crash"),
+        (2, "success"),
+    ]
+
+
+def test_zero_episodes_is_a_config_error():
+    with pytest.raises(ConfigError, match="eval.episodes=0"):
+        evaluate("expert", ENV, EvalConfig(episodes=0))
 
 
 def test_action_dim_mismatch_fails_before_any_rollout():

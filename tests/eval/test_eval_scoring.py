@@ -109,3 +109,36 @@ def test_video_side_by_side_with_instruction(tmp_path):
     assert path.name == "ep0003_failure_put_the_red_cube_blue_bowl.mp4"
     read = imageio.mimread(path)
     assert len(read) == t and read[0].shape == video.shape[1:]
+
+
+def test_wandb_logging_only_into_an_active_run(tmp_path, monkeypatch):
+    import wandb
+
+    from vla_ft.eval.report import log_wandb
+
+    eps = _episodes()
+    scores = aggregate(eps)
+    report = {
+        "overall": scores["overall"].to_dict(),
+        "per_task": {k: v.to_dict() for k, v in scores["per_task"].items()},
+        "episodes": [e.to_dict() for e in eps],
+    }
+    assert wandb.run is None
+    assert log_wandb(report, []) is False  # never starts a run itself
+    frames = {"agentview_image": np.zeros((3, 16, 16, 3), np.uint8)}
+    video = write_video(tmp_path, 0, True, "put the red cube in the blue bowl", frames)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = wandb.init(project="vla-ft-test", dir=str(tmp_path), mode="offline")
+    logged = []
+    real_log = wandb.log
+    monkeypatch.setattr(
+        wandb, "log", lambda data, step=None: (logged.append((data, step)), real_log(data, step=step))
+    )
+    try:
+        assert log_wandb(report, [str(video)], step=5) is True
+        ((data, step),) = logged
+        assert step == 5 and data["eval/success_rate"] == 0.5 and data["eval/success_rate/reach"] == 0.0
+        assert isinstance(data["eval/episodes_table"], wandb.Table)
+        assert isinstance(data[f"eval/video/{video.stem}"], wandb.Video)
+    finally:
+        run.finish()

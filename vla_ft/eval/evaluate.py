@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vla_ft.errors import EnvError
+from vla_ft.errors import ConfigError, EnvError
 from vla_ft.eval.policies import ExpertPolicy, RandomPolicy, check_policy, runs_in_worker
 from vla_ft.eval.pool import WorkerPool
 from vla_ft.eval.report import build_manifest, log_wandb, write_reports
@@ -96,10 +96,13 @@ def evaluate(
     """
     start = time.perf_counter()
     episodes = int(eval_cfg.episodes)
+    if episodes < 1:
+        raise ConfigError(f"eval.episodes={episodes}: nothing to evaluate; use 1 or more episodes")
     max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
     obs_spec = getattr(policy, "obs_spec", None)
     n_slots = min(int(eval_cfg.num_envs), episodes)
-    expert = ExpertPolicy() if policy == "expert" else (policy if runs_in_worker(policy) else None)
+    expert = ExpertPolicy() if isinstance(policy, str) and policy == "expert" else None
+    expert = policy if runs_in_worker(policy) else expert
     options = {
         "history": int(getattr(obs_spec, "history", 1) or 1),
         "record": bool(eval_cfg.video > 0 and out_dir is not None),
@@ -136,7 +139,9 @@ def evaluate(
         "per_task": {k: v.to_dict() for k, v in scores["per_task"].items()},
         "per_instruction": {k: v.to_dict() for k, v in scores["per_instruction"].items()},
         "episodes": [e.to_dict() for e in out.episodes],
-        "manifest": build_manifest(env_cfg, eval_cfg, episodes, policy_name, obs_spec, ckpt),
+        "manifest": build_manifest(
+            env_cfg, eval_cfg, episodes, policy_name, obs_spec, ckpt, spec["max_steps"]
+        ),
         "timing": {
             "wall_s": wall,
             "setup_s": setup_s,

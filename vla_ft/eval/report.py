@@ -71,9 +71,20 @@ def _plain(obj: Any) -> Any:
 
 
 def build_manifest(
-    env_cfg: Any, eval_cfg: Any, episodes: int, policy_name: str, obs_spec: Any, ckpt: str | Path | None
+    env_cfg: Any,
+    eval_cfg: Any,
+    episodes: int,
+    policy_name: str,
+    obs_spec: Any,
+    ckpt: str | Path | None,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to rerun this evaluation and get the same episodes."""
+    """Everything needed to rerun this evaluation and get the same episodes.
+
+    ``max_steps`` is the limit the env applied (the workers report it); None falls back to the config.
+    """
+    if max_steps is None:
+        max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
     versions = {"python": platform.python_version()}
     versions.update({pkg: _version(pkg) for pkg in PACKAGES})
     return {
@@ -86,7 +97,7 @@ def build_manifest(
         "episodes": episodes,
         "seed": eval_cfg.seed,
         "seeds": [eval_cfg.seed, eval_cfg.seed + episodes - 1],  # episode i: seed + i (inclusive range)
-        "max_steps": eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps,
+        "max_steps": max_steps,
         "image_size": env_cfg.image_size,
         "replan_every": eval_cfg.replan_every,
         "temporal_ensemble": eval_cfg.temporal_ensemble,

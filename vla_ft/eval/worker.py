@@ -2,7 +2,8 @@
 
 Protocol (over one ``multiprocessing`` pipe; every request gets exactly one reply):
 
-* on start: ``("ready", spec)`` with ``action_dim``, ``action_low``/``action_high``, ``obs_keys``.
+* on start: ``("ready", spec)`` with ``action_dim``, ``action_low``/``action_high``, ``obs_keys``,
+  ``max_steps`` (the episode limit in force).
 * ``("reset", [(slot, index, seed), ...])`` -> ``("obs", [(slot, obs, instruction, task), ...])``.
 * ``("step", [(slot, actions (k, A) | None, k), ...])`` -> ``("obs", [(slot, obs, done), ...])``:
   executes up to ``k`` actions open-loop (``None``: the in-worker expert acts at every step) and stops
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 from collections import deque
 from typing import Any
@@ -28,8 +30,9 @@ import numpy as np
 
 from vla_ft.eval.scoring import REASON_PHYSICS, REASON_SUCCESS, REASON_TERMINATED, REASON_TIMEOUT
 
-# Test hook: the worker that is asked to reset episode number N kills itself with SIGKILL.
+# Test hooks: the worker asked to reset episode number N kills itself with SIGKILL / stops answering.
 CRASH_ENV_VAR = "VLA_FT_EVAL_CRASH_AT_EPISODE"
+HANG_ENV_VAR = "VLA_FT_EVAL_HANG_AT_EPISODE"
 HARD_STEP_CAP = 10_000  # safety net for envs that never truncate
 
 
@@ -89,6 +92,8 @@ def _episode_limit(env: Any, max_steps: int | None) -> int:
 def _reset(slot: _Slot, index: int, seed: int, expert: Any, max_steps: int | None):
     if os.environ.get(CRASH_ENV_VAR) == str(index):
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(HANG_ENV_VAR) == str(index):
+        time.sleep(3600)
     obs, info = slot.env.reset(seed=seed)
     slot.video = []
     slot.frames.clear()
@@ -153,6 +158,7 @@ def worker_main(conn: Any, env_cfg: Any, max_steps: int | None, slots: list[int]
                     "action_low": np.asarray(env.action_space.low, dtype=np.float32).reshape(-1),
                     "action_high": np.asarray(env.action_space.high, dtype=np.float32).reshape(-1),
                     "obs_keys": sorted(probe),
+                    "max_steps": _episode_limit(env, max_steps),
                 },
             )
         )
