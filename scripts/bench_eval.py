@@ -25,12 +25,14 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from vla_ft.config import load_config  # noqa: E402
 from vla_ft.eval import evaluate  # noqa: E402
+from vla_ft.eval.run import load_policy  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cfg", default="pick_place.yaml")
-    p.add_argument("--policy", choices=["expert", "random"], default="expert")
+    p.add_argument("--policy", choices=["expert", "random", "checkpoint"], default="expert")
+    p.add_argument("--ckpt", help="checkpoint directory for --policy checkpoint")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--episodes", type=int, default=40)
     p.add_argument("--num-envs", type=int, default=8, help="concurrent episodes (same for every count)")
@@ -39,6 +41,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. env.image_size=96")
     args = p.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
+    policy = load_policy(args.ckpt) if args.policy == "checkpoint" else args.policy
     runs: dict[int, list[dict]] = {w: [] for w in counts}
     outcomes = {}
     for _ in range(args.repeats):
@@ -52,12 +55,14 @@ def main() -> None:
                     f"eval.num_envs={args.num_envs}",
                 ],
             )
-            result = evaluate(args.policy, cfg.env, cfg.eval)
+            result = evaluate(policy, cfg.env, cfg.eval)
             runs[w].append(result.report["timing"])
             outcomes.setdefault(w, result.outcomes)
     base = statistics.median(t["episodes_per_min"] for t in runs[counts[0]]) / counts[0]
     rows = []
-    print(f"{'workers':>7} {'episodes/min':>13} {'scaling vs linear':>18} {'startup s':>10}")
+    print(
+        f"{'workers':>7} {'episodes/min':>13} {'scaling vs linear':>18} {'startup s':>10} {'policy share':>13}"
+    )
     for w in counts:
         epm = statistics.median(t["episodes_per_min"] for t in runs[w])
         row = {
@@ -65,10 +70,14 @@ def main() -> None:
             "episodes_per_min": epm,
             "scaling_vs_linear": epm / (base * w),
             "startup_s": statistics.median(t["setup_s"] for t in runs[w]),
+            "policy_share": statistics.median(t["policy_s"] / t["rollout_s"] for t in runs[w]),
             "runs": runs[w],
         }
         rows.append(row)
-        print(f"{w:>7} {epm:>13.1f} {row['scaling_vs_linear']:>17.2f}x {row['startup_s']:>10.2f}")
+        print(
+            f"{w:>7} {epm:>13.1f} {row['scaling_vs_linear']:>17.2f}x {row['startup_s']:>10.2f} "
+            f"{row['policy_share']:>13.2f}"
+        )
     same = all(outcomes[w] == outcomes[counts[0]] for w in counts)
     print(f"per-episode outcomes identical across worker counts: {same}")
     out = {

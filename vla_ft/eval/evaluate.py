@@ -146,6 +146,7 @@ def evaluate(
             "wall_s": wall,
             "setup_s": setup_s,
             "rollout_s": wall - setup_s,
+            "policy_s": out.policy_s,
             "episodes_per_min": 60.0 * episodes / max(wall - setup_s, 1e-9),
             "workers": pool.n_workers,
             "worker_restarts": out.restarts,

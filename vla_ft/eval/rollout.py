@@ -11,6 +11,7 @@ N workers. (A neural policy sees the same batches for the same ``num_envs``; cha
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ class RolloutOutput:
     episodes: list[EpisodeResult]
     videos: dict[int, dict[str, np.ndarray]]  # episode index -> camera key -> (T, H, W, 3)
     restarts: int
+    policy_s: float
 
 
 class _VideoKeeper:
@@ -104,6 +106,7 @@ class Rollout:
         self.active: dict[int, _Active] = {}
         self.results: dict[int, EpisodeResult] = {}
         self.keeper = _VideoKeeper(videos)
+        self.policy_s = 0.0  # time spent in predict_action
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -150,7 +153,9 @@ class Rollout:
             return {s: (s, None, k) for s in slots}
         obs = {key: np.stack([self.active[s].obs[key] for s in slots]) for key in self.active[slots[0]].obs}
         instructions = [self.active[s].instruction for s in slots]
+        t0 = time.perf_counter()
         chunks = np.asarray(self.policy.predict_action(obs, instructions), dtype=np.float32)  # (N, H, A)
+        self.policy_s += time.perf_counter() - t0
         adim = int(self.pool.spec["action_dim"])
         if chunks.ndim != 3 or chunks.shape[0] != len(slots) or chunks.shape[2] != adim:
             raise ValueError(
@@ -185,4 +190,4 @@ class Rollout:
             if slots:
                 self._step(self._plan(slots))
         episodes = [self.results[i] for i in sorted(self.results)]
-        return RolloutOutput(episodes, self.keeper.all(), self.pool.restarts)
+        return RolloutOutput(episodes, self.keeper.all(), self.pool.restarts, self.policy_s)
