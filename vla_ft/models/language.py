@@ -88,10 +88,7 @@ class LanguageBackbone(nn.Module):
         return out.last_hidden_state
 
     def set_gradient_checkpointing(self, enable: bool) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.model.gradient_checkpointing_disable()
+        set_hf_checkpointing(self.model, enable)
 
     def layer_ids(self) -> tuple[dict[str, int], int]:
         """Embeddings depth 0, block i depth i+1, final norm depth num_blocks+1."""
@@ -114,3 +111,17 @@ def transformer_depths(module: nn.Module, num_blocks: int) -> tuple[dict[str, in
         else:
             depth[name] = num_blocks + 1
     return depth, num_blocks + 2
+
+
+def set_hf_checkpointing(model: PreTrainedModel, enable: bool) -> None:
+    """Activation checkpointing on a transformers model (non-reentrant; v5 API when present)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        if enable:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()

@@ -24,7 +24,7 @@ from transformers import AutoModel
 from vla_ft.constants import MODULE_LANGUAGE, MODULE_PROJECTOR, MODULE_VISION
 from vla_ft.errors import ConfigError
 from vla_ft.models.backbone import Depths
-from vla_ft.models.language import load_hf_model, transformer_depths
+from vla_ft.models.language import load_hf_model, set_hf_checkpointing, transformer_depths
 
 # model_type -> (vision tower, connector/projector, language model) attribute names
 FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -94,10 +94,7 @@ class VLMBackbone(nn.Module):
         return out.last_hidden_state  # (B, N, D)
 
     def set_gradient_checkpointing(self, enable: bool) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.model.gradient_checkpointing_disable()
+        set_hf_checkpointing(self.model, enable)
 
     def depths(self) -> Depths:
         """Vision tower / connector / language model depth of every parameter (names under self)."""

@@ -1,0 +1,144 @@
+"""Loading paths and their errors: component weights from local dirs/files, HF VLM dirs, bad names,
+incomplete or mismatched checkpoints, task-count changes."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import timm
+import torch
+from model_helpers import make_batch, make_info, simple_loss
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, Idefics3ForConditionalGeneration, LlamaConfig, LlamaModel
+
+from vla_ft import constants as C
+from vla_ft.config import ModelConfig
+from vla_ft.errors import CheckpointError, ConfigError
+from vla_ft.models import VLAPolicy, load_tokenizer, load_vla
+from vla_ft.models.language import LanguageBackbone
+from vla_ft.models.presets import get_preset
+from vla_ft.models.tokenizer import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    torch.manual_seed(0)
+    load_vla(ModelConfig(preset="tiny"), make_info()).save_pretrained(path)
+    return path
+
+
+def test_checkpoint_files(tiny_ckpt):
+    names = {p.name for p in tiny_ckpt.iterdir()}
+    assert {"config.json", "model.safetensors", "normalization.json", "tokenizer_config.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # no pickle
+
+
+def test_hf_vlm_dir_loads_as_backbone_and_trains(tmp_path):
+    cfg = AutoConfig.for_model(**get_preset("tiny-vlm").vlm)
+    torch.manual_seed(1)
+    vlm = Idefics3ForConditionalGeneration(cfg)
+    vlm.save_pretrained(tmp_path / "vlm")
+    byte_tokenizer().save_pretrained(tmp_path / "vlm")
+    model_cfg = ModelConfig(preset="tiny", vlm=str(tmp_path / "vlm"))
+    assert type(load_tokenizer(model_cfg)).__name__ == "ByT5Tokenizer"
+    policy = load_vla(model_cfg, make_info())
+    ref = vlm.model.text_model.layers[0].mlp.up_proj.weight
+    assert torch.equal(policy.backbone.model.text_model.layers[0].mlp.up_proj.weight, ref)  # weights loaded
+
+    batch = make_batch(make_info())
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    loss = simple_loss(policy(batch), batch)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(policy.backbone.model.text_model.layers[0].mlp.up_proj.weight, ref)
+
+
+def test_language_dir_and_timm_weights_file(tmp_path):
+    lm = LlamaModel(
+        LlamaConfig(**{k: v for k, v in get_preset("tiny").language.items() if k != "model_type"})
+    )
+    lm.save_pretrained(tmp_path / "lm")
+    vision = timm.create_model(
+        "resnet18", num_classes=0, layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16
+    )
+    save_file(vision.state_dict(), tmp_path / "vision.safetensors")
+    cfg = ModelConfig(
+        preset="tiny", language=str(tmp_path / "lm"), vision_pretrained=str(tmp_path / "vision.safetensors")
+    )
+    policy = load_vla(cfg, make_info())
+    assert torch.equal(policy.backbone.language.model.norm.weight, lm.norm.weight)
+    assert torch.equal(policy.backbone.vision.model.conv1.weight, vision.conv1.weight)
+    policy.save_pretrained(tmp_path / "ckpt")  # rebuilds from the saved configs alone
+    assert torch.equal(
+        VLAPolicy.from_pretrained(tmp_path / "ckpt").backbone.vision.model.conv1.weight, vision.conv1.weight
+    )
+
+
+def test_unknown_names_are_config_errors():
+    with pytest.raises(ConfigError, match="'resnet1800' is not a timm model name. Did you mean: resnet18"):
+        load_vla(ModelConfig(preset="tiny", vision="resnet1800"), make_info())
+    with pytest.raises(ConfigError, match="model.preset='tyni' is unknown .did you mean 'tiny'"):
+        load_vla(ModelConfig(preset="tyni"), make_info())
+    with pytest.raises(
+        ConfigError, match="model.language: model_type='llamaa' is not a transformers model type"
+    ):
+        LanguageBackbone({"model_type": "llamaa", "hidden_size": 32})
+
+
+def test_offline_hub_ids_fail_fast(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for cfg in (
+        ModelConfig(preset="tiny", language="someone/not-here"),
+        ModelConfig(preset="tiny", vlm="HuggingFaceTB/SmolVLM-256M-Instruct"),
+        ModelConfig(pretrained="someone/vla-checkpoint"),
+    ):
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match="hub is offline"):
+            load_vla(cfg, make_info())
+        assert time.perf_counter() - start < 5
+
+
+def test_missing_weights_file(tiny_ckpt, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_ckpt / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=f"{broken}: no model.safetensors"):
+        VLAPolicy.from_pretrained(broken)
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        VLAPolicy.from_pretrained(tmp_path / "nowhere")
+
+
+def test_missing_and_unexpected_tensors_are_named(tiny_ckpt, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors.pop("readout")
+    tensors["extra.weight"] = torch.zeros(2)
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing: readout.*unexpected: extra\.weight"):
+        VLAPolicy.from_pretrained(bad)
+
+
+def test_other_action_dim_is_an_error(tiny_ckpt):
+    cfg = ModelConfig(pretrained=str(tiny_ckpt))
+    with pytest.raises(CheckpointError, match="action_dim=4 but the data has action_dim=7"):
+        load_vla(cfg, make_info(action_dim=7))
+
+
+def test_other_task_count_and_chunk_reinitialize_heads(tiny_ckpt, caplog):
+    base = VLAPolicy.from_pretrained(tiny_ckpt)
+    with caplog.at_level(logging.WARNING):
+        policy = load_vla(ModelConfig(pretrained=str(tiny_ckpt)), make_info(tasks=("a", "b", "c"), chunk=6))
+    assert "re-initialized" in caplog.text and "task_head" in caplog.text and "action_queries" in caplog.text
+    batch = make_batch(make_info(tasks=("a", "b", "c"), chunk=6))
+    out = policy(batch)
+    assert out[C.OUT_TASK_LOGITS].shape == (3, 3) and out[C.OUT_ACTION].shape == (3, 6, 4)
+    assert torch.equal(policy.backbone.language.model.norm.weight, base.backbone.language.model.norm.weight)
