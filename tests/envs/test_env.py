@@ -120,7 +120,8 @@ def test_nan_action_raises_and_range_is_clipped(env):
     assert all(big[k].tobytes() == clipped[k].tobytes() for k in big)
 
 
-def test_physics_error_ends_episode(env):
+def test_physics_error_ends_episode(env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MuJoCo appends its warning to ./MUJOCO_LOG.TXT
     env.reset(seed=0)
     env.unwrapped.sim.data.qvel[:] = np.nan  # MuJoCo flags the bad state and resets the data
     obs, reward, terminated, truncated, info = env.step(np.zeros(4))
