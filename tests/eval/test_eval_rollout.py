@@ -124,3 +124,15 @@ def test_history_frames_are_stacked_for_the_policy():
     evaluate(policy, ENV, EvalConfig(episodes=2, workers=1, num_envs=2, max_steps=8))
     assert policy.calls[0]["agentview_image"] == (2, 2, 32, 32, 3)  # (N, T, H, W, 3)
     assert policy.calls[0]["ee_pos"] == (2, 2, 3)
+
+
+def test_user_errors_in_workers_reach_the_caller_as_themselves():
+    with pytest.raises(EnvError, match="no_such_task"):
+        evaluate("expert", EnvConfig(task="no_such_task"), EvalConfig(episodes=1, workers=1))
+
+    class NaNPolicy(CountingPolicy):
+        def predict_action(self, obs, instructions):
+            return np.full((len(instructions), 4, 4), np.nan, np.float32)
+
+    with pytest.raises(EnvError, match="(?i)nan"):
+        evaluate(NaNPolicy(), ENV, EvalConfig(episodes=1, workers=1))

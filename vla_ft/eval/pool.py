@@ -89,6 +89,8 @@ class WorkerPool:
         try:
             if conn.poll(timeout):
                 msg = conn.recv()
+                if msg[0] == "user_error":
+                    raise msg[1]
                 if msg[0] == "error":
                     raise WorkerError(f"rollout worker {w} failed:\n{msg[1]}")
                 return msg

@@ -11,8 +11,9 @@ Protocol (over one ``multiprocessing`` pipe; every request gets exactly one repl
 * ``("close",)`` -> the worker closes its envs and exits.
 
 Observations sent back are the last ``history`` frames stacked on a leading T axis when
-``history > 1``, else a single frame. A Python exception in a worker is a bug in the env or the
-policy's actions: the worker replies ``("error", traceback)`` and the evaluator raises it.
+``history > 1``, else a single frame. A user error in a worker (a ``VLAFTError``: unknown task, bad
+key map, NaN action) is sent back as ``("user_error", exc)`` and re-raised in the main process; any
+other exception is a bug: the worker replies ``("error", traceback)`` and the evaluator raises it.
 
 This module must not import torch: workers only run the simulator.
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_ft.errors import VLAFTError
 from vla_ft.eval.scoring import REASON_PHYSICS, REASON_SUCCESS, REASON_TERMINATED, REASON_TIMEOUT
 
 # Test hooks: the worker asked to reset episode number N kills itself with SIGKILL / stops answering.
@@ -177,6 +179,8 @@ def worker_main(conn: Any, env_cfg: Any, max_steps: int | None, slots: list[int]
             else:
                 raise ValueError(f"unknown worker request {msg[0]!r}")
             conn.send(("obs", out))
+    except VLAFTError as exc:  # a user error (unknown task, bad key map, NaN action): re-raised as is
+        conn.send(("user_error", exc))
     except Exception:
         conn.send(("error", traceback.format_exc()))
     finally:
