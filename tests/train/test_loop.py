@@ -47,11 +47,12 @@ def _losses(run_dir: Path, split: str = "train") -> dict[int, float]:
 
 
 def test_training_reduces_loss_and_writes_run_dir(tiny_cfg):
-    cfg = tiny_cfg(**{"train.steps": 40, "train.lr": 1e-3, "train.val_every": 20, "train.save_every": 20})
+    extra = {"train.steps": 60, "train.lr": 2e-3, "train.batch_size": 16, "data.augment.enabled": "false"}
+    cfg = tiny_cfg(**extra, **{"train.val_every": 20, "train.save_every": 20})
     result = run_finetune(cfg)
     losses = _losses(result.run_dir)
     first = sum(losses[s] for s in range(1, 6)) / 5
-    last = sum(losses[s] for s in range(36, 41)) / 5
+    last = sum(losses[s] for s in range(56, 61)) / 5
     assert last < 0.7 * first, (first, last)
     run = result.run_dir
     assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
@@ -60,8 +61,8 @@ def test_training_reduces_loss_and_writes_run_dir(tiny_cfg):
         assert (run / name / "normalization.json").is_file()
         assert (run / name / "training_state" / "optimizer.pt").is_file()
     val = _losses(run, "val")
-    assert sorted(val) == [20, 40]
-    assert result.fit.best_step in (20, 40)
+    assert sorted(val) == [20, 40, 60]
+    assert result.fit.best_step in (20, 40, 60)
     reloaded = VLAPolicy.from_pretrained(run / "best")
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in result_params(run))
 
@@ -70,7 +71,7 @@ def result_params(run: Path):
     return VLAPolicy.from_pretrained(run / "last").parameters()
 
 
-def test_every_parameter_changes_after_one_step(tiny_cfg):
+def test_every_parameter_changes_under_full_fine_tuning(tiny_cfg):
     cfg = tiny_cfg(**{"train.warmup_steps": 0, "train.lr": 1e-3, "train.schedule": "constant"})
     policy, train_ds, _, info = _setup(cfg)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
@@ -78,8 +79,11 @@ def test_every_parameter_changes_after_one_step(tiny_cfg):
     loss_fn = ActionTaskLoss(cfg.loss, info.action_dim)
     batch = torch.utils.data.default_collate([train_ds[i] for i in range(8)])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    _, stepped = train_step(policy, loss_fn, [batch], opt, scaler, lambda: autocast(CPU, "fp32"), 1.0)
-    assert stepped
+    # Two steps: timm ResNets zero-init the last norm of each residual block, so the layers before it
+    # get their first non-zero gradient only once that norm has moved (step 1).
+    for _ in range(2):
+        _, stepped = train_step(policy, loss_fn, [batch], opt, scaler, lambda: autocast(CPU, "fp32"), 1.0)
+        assert stepped
     unchanged = [n for n, p in policy.named_parameters() if torch.equal(before[n], p.detach())]
     assert not unchanged, f"parameters not updated by a full-parameter step: {unchanged[:10]}"
 

@@ -33,6 +33,7 @@ class RunLogger:
         self.cfg = cfg
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
         self._file = self.path.open("a")
         self.wandb_run = None
@@ -57,9 +58,12 @@ class RunLogger:
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def _init_wandb(self, cfg: Config, wandb_id: str | None) -> None:
+        # wandb 0.31 probes its server for an OpenTelemetry endpoint even under init(mode="offline")
+        # unless WANDB_MODE says offline too (docs/traps.md); set it before wandb reads its settings.
+        os.environ["WANDB_MODE"] = cfg.log.wandb
+        os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb_run = wandb.init(
             project=cfg.log.project,
             entity=cfg.log.entity,

@@ -205,6 +205,7 @@ def fit(
         metrics, stepped = train_step(
             model, loss_fn, micro_batches, optimizer, scaler, amp, tc.grad_clip, augment_batch
         )
+        step += 1
         if stepped:
             scheduler.step()
             if ema is not None:
@@ -216,11 +217,10 @@ def fit(
                 path = save()
                 logger.close()
                 raise TrainingDiverged(
-                    f"loss or gradient was NaN/Inf for {bad_in_row} consecutive steps at step {step + 1}; "
+                    f"loss or gradient was NaN/Inf for {bad_in_row} consecutive steps at step {step}; "
                     f"the last good weights are saved in {path}. Lower train.lr (now {tc.peak_lr:g}), "
                     f"lengthen train.warmup_steps or set train.grad_clip"
                 )
-        step += 1
         data_wait += t_data
         step_time += time.perf_counter() - t0
 
