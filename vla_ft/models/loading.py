@@ -221,7 +221,8 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
     """
     path = Path(path)
     meta = _read_meta(path)
-    saved_cfg = ModelConfig(**meta["model"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
     if cfg is None:
         cfg = saved_cfg
     else:
