@@ -88,8 +88,9 @@ def bench_stats(frames: int) -> float:
 
 def loader_for(ds, batch: int, workers: int, seed: int = 0) -> DataLoader:
     kw = {"persistent_workers": True, "prefetch_factor": 4} if workers else {}
+    sampler = ds.make_sampler(seed)
     return DataLoader(
-        ds, batch_size=batch, sampler=ds.make_sampler(seed), num_workers=workers, drop_last=True, **kw
+        ds, batch, sampler=sampler, num_workers=workers, drop_last=True, collate_fn=ds.collate_fn, **kw
     )
 
 

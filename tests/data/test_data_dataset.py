@@ -163,8 +163,8 @@ def test_lazy_equals_cached_and_workers(ours_file, tokenizer):
     lazy[0]  # the parent opens a handle before the fork: workers must not reuse it
     idx = list(range(len(ram)))
     ref = ram.get_batch(idx)
-    for workers in (0, 2):
-        loader = DataLoader(lazy, batch_size=7, num_workers=workers, shuffle=False)
+    for workers, collate in ((0, None), (2, None), (2, lazy.collate_fn)):
+        loader = DataLoader(lazy, batch_size=7, num_workers=workers, shuffle=False, collate_fn=collate)
         got = {k: torch.cat([b[k] for b in loader]) for k in ref}
         for k in ref:
             assert torch.equal(got[k], ref[k]), (workers, k)

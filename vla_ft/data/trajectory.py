@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from vla_ft.constants import ACTION, ACTION_IS_PAD, INSTR_IDS, INSTR_MASK, PROGRESS, TASK_ID
 from vla_ft.data.normalize import Normalizer
@@ -30,6 +30,14 @@ from vla_ft.data.transforms import ObsSpec, obs_to_inputs
 from vla_ft.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+class _Samples(list):
+    """Per-sample dicts (views) plus the collated batch they came from."""
+
+    def __init__(self, samples: list[dict[str, torch.Tensor]], batch: dict[str, torch.Tensor]):
+        super().__init__(samples)
+        self.batch = batch
 
 
 @dataclass
@@ -260,9 +268,20 @@ class TrajectoryDataset(Dataset):
         return {k: v[0] for k, v in self.get_batch([i % len(self)]).items()}
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """Batched fetch used by the DataLoader (default collate stacks the samples back)."""
+        """Batched fetch used by the DataLoader: the samples, carrying the collated batch along.
+
+        With ``collate_fn=TrajectoryDataset.collate_fn`` the DataLoader returns that batch as is
+        (no second copy); the default collate stacks the per-sample views back (same result).
+        """
         batch = self.get_batch(indices)
-        return [{k: v[b] for k, v in batch.items()} for b in range(len(indices))]
+        return _Samples([{k: v[b] for k, v in batch.items()} for b in range(len(indices))], batch)
+
+    @staticmethod
+    def collate_fn(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Collate for DataLoaders over this dataset: reuses the batch built by ``__getitems__``."""
+        if isinstance(samples, _Samples):
+            return samples.batch
+        return default_collate(samples)
 
     def instruction(self, i: int) -> str:
         """The raw instruction string of sample ``i``."""
