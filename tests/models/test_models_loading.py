@@ -142,3 +142,13 @@ def test_other_task_count_and_chunk_reinitialize_heads(tiny_ckpt, caplog):
     out = policy(batch)
     assert out[C.OUT_TASK_LOGITS].shape == (3, 3) and out[C.OUT_ACTION].shape == (3, 6, 4)
     assert torch.equal(policy.backbone.language.model.norm.weight, base.backbone.language.model.norm.weight)
+
+
+def test_head_type_follows_the_user_config(tiny_ckpt, caplog):
+    with caplog.at_level(logging.WARNING):
+        policy = load_vla(ModelConfig(pretrained=str(tiny_ckpt), action_head="binned", n_bins=8), make_info())
+    assert "action_head.mlp.3" in caplog.text
+    out = policy(make_batch(make_info()))
+    assert out[C.OUT_ACTION_LOGITS].shape == (3, 4, 4, 8)
+    saved = VLAPolicy.from_pretrained(tiny_ckpt)
+    assert torch.equal(policy.action_head.mlp[1].weight, saved.action_head.mlp[1].weight)  # trunk kept

@@ -7,10 +7,11 @@ Checkpoint dir: ``config.json`` (format, model config, dims, resolved architectu
 transformers config dicts so no source model is needed to rebuild), ``model.safetensors``,
 ``normalization.json`` (when a normalizer is installed) and the tokenizer files. No pickle.
 
-When a checkpoint is loaded for a dataset (``info`` given), architecture fields come from the
-checkpoint and runtime fields (dropout, inference options, freeze, bounds) from ``model_cfg``; the
-action dimension must match; a different task count, chunk length, camera/history count or state
-size re-initializes the affected tensors with a logged warning (the head adapts to the new task).
+When a checkpoint is loaded with a ``model_cfg``, backbone fields (``ARCH_FIELDS``) come from the
+checkpoint and everything else (head type and bins, dropout, inference options, freeze, bounds) from
+``model_cfg``. With ``info`` given, the action dimension must match; a different task count, chunk
+length, camera/history count, state size or action-head shape re-initializes the affected tensors
+with a logged warning (the head adapts to the new task).
 """
 
 from __future__ import annotations
@@ -40,20 +41,9 @@ log = logging.getLogger(__name__)
 FORMAT = "vla_ft.policy"
 CONFIG_FILE, WEIGHTS_FILE, NORM_FILE = "config.json", "model.safetensors", "normalization.json"
 # fields that define tensors: taken from the checkpoint when one is loaded
-ARCH_FIELDS = (
-    "preset",
-    "vision",
-    "language",
-    "vlm",
-    "action_head",
-    "n_bins",
-    "bin_range",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-)
+ARCH_FIELDS = ("preset", "vision", "language", "vlm", "hidden_size", "num_layers", "num_heads")
 # tensors rebuilt (not loaded) when the data's dims differ from the checkpoint's
-ADAPTABLE = ("task_head.", "action_queries", "view_embed", "state_proj.")
+ADAPTABLE = ("task_head.", "action_queries", "view_embed", "state_proj.", "action_head.")
 
 
 def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
