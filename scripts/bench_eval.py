@@ -60,24 +60,23 @@ def main() -> None:
             outcomes.setdefault(w, result.outcomes)
     base = statistics.median(t["episodes_per_min"] for t in runs[counts[0]]) / counts[0]
     rows = []
-    print(
-        f"{'workers':>7} {'episodes/min':>13} {'scaling vs linear':>18} {'startup s':>10} {'policy share':>13}"
-    )
+    cols = ("workers", "episodes/min", "best", "vs linear", "startup s", "policy share", "main cpu share")
+    print("  ".join(f"{c:>14}" for c in cols))
     for w in counts:
         epm = statistics.median(t["episodes_per_min"] for t in runs[w])
         row = {
             "workers": w,
             "episodes_per_min": epm,
+            "best_episodes_per_min": max(t["episodes_per_min"] for t in runs[w]),
             "scaling_vs_linear": epm / (base * w),
             "startup_s": statistics.median(t["setup_s"] for t in runs[w]),
             "policy_share": statistics.median(t["policy_s"] / t["rollout_s"] for t in runs[w]),
+            "main_cpu_share": statistics.median(t["main_cpu_s"] / t["wall_s"] for t in runs[w]),
             "runs": runs[w],
         }
         rows.append(row)
-        print(
-            f"{w:>7} {epm:>13.1f} {row['scaling_vs_linear']:>17.2f}x {row['startup_s']:>10.2f} "
-            f"{row['policy_share']:>13.2f}"
-        )
+        keys = list(row)[1:-1]
+        print(f"{w:>14}  " + "  ".join(f"{row[k]:>14.2f}" for k in keys))
     same = all(outcomes[w] == outcomes[counts[0]] for w in counts)
     print(f"per-episode outcomes identical across worker counts: {same}")
     out = {

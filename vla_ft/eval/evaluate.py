@@ -94,7 +94,7 @@ def evaluate(
         CheckpointError: the policy's action dimension does not match the env (before any rollout).
         EnvError: the env cannot provide what the policy reads, or a bad env config.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     episodes = int(eval_cfg.episodes)
     if episodes < 1:
         raise ConfigError(f"eval.episodes={episodes}: nothing to evaluate; use 1 or more episodes")
@@ -147,6 +147,7 @@ def evaluate(
             "setup_s": setup_s,
             "rollout_s": wall - setup_s,
             "policy_s": out.policy_s,
+            "main_cpu_s": time.process_time() - cpu_start,  # this process: inference, batching, pipes
             "episodes_per_min": 60.0 * episodes / max(wall - setup_s, 1e-9),
             "workers": pool.n_workers,
             "worker_restarts": out.restarts,
