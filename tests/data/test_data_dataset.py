@@ -1,5 +1,8 @@
 """TrajectoryDataset / build_datasets on hand-built robomimic, LIBERO and our-layout files."""
 
+import json
+
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -123,6 +126,11 @@ def test_language_sources(tmp_path, write_h5, tokenizer):
     libero = write_h5(tmp_path / "b.hdf5", "libero", language="problem_info")
     _, _, info = build_datasets(_cfg(libero, instruction="ignored"), tokenizer, seed=0)
     assert info.instructions == ["open the top drawer"] and info.task_names == ["open the top drawer"]
+
+    with h5py.File(libero, "a") as f:  # instruction stored as a list of characters
+        f["data"].attrs["problem_info"] = json.dumps({"language_instruction": list("turn on the stove")})
+    _, _, info = build_datasets(_cfg(libero), tokenizer, seed=0)
+    assert info.instructions == ["turn on the stove"]
 
     bare = write_h5(tmp_path / "c.hdf5", "robomimic", language="none")
     _, _, info = build_datasets(_cfg(bare, instruction="lift the cube"), tokenizer, seed=0)

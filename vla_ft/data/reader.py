@@ -154,6 +154,8 @@ def _file_instruction(data: h5py.Group) -> str | None:
             f"{data.file.filename}: data attrs 'problem_info' is not valid JSON; fix or remove it"
         ) from None
     lang = info.get("language_instruction") if isinstance(info, dict) else None
+    if isinstance(lang, list) and all(isinstance(c, str) and len(c) == 1 for c in lang):
+        lang = "".join(lang)  # some LIBERO tooling stores the instruction as a list of characters
     return _text(lang).strip() if lang else None
 
 
