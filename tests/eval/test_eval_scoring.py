@@ -142,3 +142,16 @@ def test_wandb_logging_only_into_an_active_run(tmp_path, monkeypatch):
         assert isinstance(data[f"eval/video/{video.stem}"], wandb.Video)
     finally:
         run.finish()
+
+
+def test_video_keeper_keeps_lowest_numbered_and_stops_recording_early():
+    from vla_ft.eval.rollout import _VideoKeeper
+
+    keeper = _VideoKeeper(2)
+    frames = {"agentview_image": np.zeros((1, 8, 8, 3), np.uint8)}
+    for index, success in [(5, True), (1, True), (3, True), (0, False), (2, False)]:
+        assert keeper.may_keep(index)
+        keeper.offer(index, success, frames)
+    assert sorted(keeper.all()) == [0, 1, 2, 3]  # successes 1, 3 (5 evicted); failures 0, 2
+    assert not keeper.may_keep(6)  # both buckets full with lower numbers: no need to record
+    assert keeper.may_keep(2) is True and _VideoKeeper(0).may_keep(0) is False

@@ -105,7 +105,6 @@ def evaluate(
     expert = policy if runs_in_worker(policy) else expert
     options = {
         "history": int(getattr(obs_spec, "history", 1) or 1),
-        "record": bool(eval_cfg.video > 0 and out_dir is not None),
         "expert": expert,
     }
     if expert is not None and env_cfg.type == "gym":
@@ -120,7 +119,7 @@ def evaluate(
         setup_s = time.perf_counter() - start
         out = Rollout(
             pool, policy, episodes, eval_cfg.seed, n_slots, eval_cfg.replan_every, eval_cfg.temporal_ensemble,
-            eval_cfg.video if options["record"] else 0,
+            eval_cfg.video if out_dir is not None else 0,
         ).run()  # fmt: skip
     finally:
         pool.close()

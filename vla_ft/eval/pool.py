@@ -30,7 +30,7 @@ class WorkerPool:
         max_steps: episode step limit passed to the env factory (None: the task default).
         n_slots: concurrent episodes in total.
         n_workers: processes (capped at ``n_slots``).
-        options: ``history``, ``record`` (keep frames for videos) and ``expert`` (an
+        options: ``history`` (frames per observation) and ``expert`` (an
             ExpertPolicy or None).
         timeout_s: seconds a request may take before its worker counts as crashed.
     """

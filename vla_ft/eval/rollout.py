@@ -56,6 +56,12 @@ class _VideoKeeper:
         if len(bucket) > self.n:
             del bucket[max(bucket)]
 
+    def may_keep(self, index: int) -> bool:
+        """Whether episode ``index`` could still end up with a video (episodes start in index order)."""
+        if self.n == 0:
+            return False
+        return any(len(b) < self.n or index < max(b) for b in self.kept.values())
+
     def all(self) -> dict[int, dict[str, np.ndarray]]:
         return {**self.kept[True], **self.kept[False]}
 
@@ -136,7 +142,7 @@ class Rollout:
             if slot not in self.active and self.pending:
                 idx = self.pending.pop()
                 self.active[slot] = _Active(idx, self.seed + idx)
-                todo[slot] = (slot, idx, self.seed + idx)
+                todo[slot] = (slot, idx, self.seed + idx, self.keeper.may_keep(idx))
         if not todo:
             return
         replies, lost = self.pool.request({w: ("reset", v) for w, v in self._by_worker(todo).items()})

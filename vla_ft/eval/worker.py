@@ -4,7 +4,8 @@ Protocol (over one ``multiprocessing`` pipe; every request gets exactly one repl
 
 * on start: ``("ready", spec)`` with ``action_dim``, ``action_low``/``action_high``, ``obs_keys``,
   ``max_steps`` (the episode limit in force).
-* ``("reset", [(slot, index, seed), ...])`` -> ``("obs", [(slot, obs, instruction, task), ...])``.
+* ``("reset", [(slot, index, seed, record), ...])`` -> ``("obs", [(slot, obs, instruction, task), ...])``;
+  ``record`` asks for the episode's frames (only episodes that may still get a video).
 * ``("step", [(slot, actions (k, A) | None, k), ...])`` -> ``("obs", [(slot, obs, done), ...])``:
   executes up to ``k`` actions open-loop (``None``: the in-worker expert acts at every step) and stops
   early when the episode ends; ``done`` is None or ``{success, steps, reason, frames}``.
@@ -58,10 +59,10 @@ def make_env(env_cfg: Any, max_steps: int | None, render: bool = True) -> Any:
 class _Slot:
     """One env and the episode running in it."""
 
-    def __init__(self, env: Any, history: int, record: bool) -> None:
+    def __init__(self, env: Any, history: int) -> None:
         self.env = env
         self.history = history
-        self.record = record
+        self.record = False
         self.frames: deque = deque(maxlen=history)
         self.video: list[dict[str, np.ndarray]] = []
         self.expert: Any = None
@@ -91,13 +92,14 @@ def _episode_limit(env: Any, max_steps: int | None) -> int:
     return int(limit) if limit else HARD_STEP_CAP
 
 
-def _reset(slot: _Slot, index: int, seed: int, expert: Any, max_steps: int | None):
+def _reset(slot: _Slot, index: int, seed: int, record: bool, expert: Any, max_steps: int | None):
     if os.environ.get(CRASH_ENV_VAR) == str(index):
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(HANG_ENV_VAR) == str(index):
         time.sleep(3600)
     obs, info = slot.env.reset(seed=seed)
     slot.video = []
+    slot.record = record
     slot.frames.clear()
     slot.steps = 0
     slot.limit = _episode_limit(slot.env, max_steps)
@@ -149,7 +151,7 @@ def worker_main(conn: Any, env_cfg: Any, max_steps: int | None, slots: list[int]
     try:
         for s in slots:
             env = make_env(env_cfg, max_steps, render=True)
-            envs_by_slot[s] = _Slot(env, options["history"], options["record"])
+            envs_by_slot[s] = _Slot(env, options["history"])
         env = envs_by_slot[slots[0]].env
         probe, _ = env.reset(seed=0)
         conn.send(
@@ -170,7 +172,10 @@ def worker_main(conn: Any, env_cfg: Any, max_steps: int | None, slots: list[int]
             if msg[0] == "close":
                 break
             if msg[0] == "reset":
-                out = [(s, *_reset(envs_by_slot[s], i, seed, expert, max_steps)) for s, i, seed in msg[1]]
+                out = [
+                    (s, *_reset(envs_by_slot[s], i, seed, rec, expert, max_steps))
+                    for s, i, seed, rec in msg[1]
+                ]
             elif msg[0] == "step":
                 out = []
                 for s, actions, k in msg[1]:
