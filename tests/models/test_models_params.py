@@ -124,3 +124,15 @@ def test_real_select_action_runs(tiny):
     tiny.reset()  # a new batch of episodes
     b = tiny.select_action(make_obs(info, n=2), ["a", "b"])
     assert b.shape == (2, 4)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-vlm"])
+def test_size_overrides_apply_to_the_language_model(preset):
+    policy = load_vla(ModelConfig(preset=preset, hidden_size=64, num_layers=1, num_heads=2), make_info())
+    cfg = (
+        policy.backbone.model.config.text_config
+        if preset == "tiny-vlm"
+        else policy.backbone.language.model.config
+    )
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (64, 1, 2)
+    assert policy(make_batch(make_info()))[C.OUT_HIDDEN].shape[-1] == 64
