@@ -11,12 +11,12 @@ import timm
 import torch
 from model_helpers import make_batch, make_info, simple_loss
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, Idefics3ForConditionalGeneration, LlamaConfig, LlamaModel
+from transformers import AutoConfig, AutoModelForImageTextToText, LlamaConfig, LlamaModel
 
 from vla_ft import constants as C
 from vla_ft.config import ModelConfig
 from vla_ft.errors import CheckpointError, ConfigError
-from vla_ft.models import VLAPolicy, load_tokenizer, load_vla
+from vla_ft.models import VLAPolicy, load_tokenizer, load_vla, param_info
 from vla_ft.models.language import LanguageBackbone
 from vla_ft.models.presets import get_preset
 from vla_ft.models.tokenizer import byte_tokenizer
@@ -36,17 +36,66 @@ def test_checkpoint_files(tiny_ckpt):
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # no pickle
 
 
-def test_hf_vlm_dir_loads_as_backbone_and_trains(tmp_path):
-    cfg = AutoConfig.for_model(**get_preset("tiny-vlm").vlm)
+_PALIGEMMA = {
+    "model_type": "paligemma",
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "text_config": {
+        "model_type": "gemma",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "vocab_size": 400,
+    },
+    "projection_dim": 64,
+    "image_token_index": 399,
+}
+_LLAVA = {
+    "model_type": "llava",
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "text_config": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": 400,
+    },
+    "image_token_index": 399,
+}
+
+
+@pytest.mark.parametrize("family", ["idefics3", "paligemma", "llava"])
+def test_hf_vlm_dir_loads_as_backbone_and_trains(family, tmp_path):
+    spec = {"idefics3": get_preset("tiny-vlm").vlm, "paligemma": _PALIGEMMA, "llava": _LLAVA}[family]
     torch.manual_seed(1)
-    vlm = Idefics3ForConditionalGeneration(cfg)
+    vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**spec))
     vlm.save_pretrained(tmp_path / "vlm")
     byte_tokenizer().save_pretrained(tmp_path / "vlm")
     model_cfg = ModelConfig(preset="tiny", vlm=str(tmp_path / "vlm"))
     assert type(load_tokenizer(model_cfg)).__name__ == "ByT5Tokenizer"
     policy = load_vla(model_cfg, make_info())
-    ref = vlm.model.text_model.layers[0].mlp.up_proj.weight
-    assert torch.equal(policy.backbone.model.text_model.layers[0].mlp.up_proj.weight, ref)  # weights loaded
+    ref = vlm.get_input_embeddings().weight.detach().clone()
+    assert torch.equal(policy.backbone.model.get_input_embeddings().weight, ref)  # weights loaded, not random
+    assert set(param_info(policy)) == {n for n, _ in policy.named_parameters()}
 
     batch = make_batch(make_info())
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
@@ -54,7 +103,7 @@ def test_hf_vlm_dir_loads_as_backbone_and_trains(tmp_path):
     loss.backward()
     opt.step()
     assert torch.isfinite(loss)
-    assert not torch.equal(policy.backbone.model.text_model.layers[0].mlp.up_proj.weight, ref)
+    assert not torch.equal(policy.backbone.model.get_input_embeddings().weight, ref)
 
 
 def test_language_dir_and_timm_weights_file(tmp_path):

@@ -7,9 +7,11 @@ with every checkpoint (``save_pretrained``) and loaded back from there.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import transformers
 from transformers import AutoTokenizer, ByT5Tokenizer
 
 from vla_ft.errors import CheckpointError
@@ -35,10 +37,14 @@ def read_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
         raise CheckpointError(
             f"{path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); re-save the model"
         )
+    # the class named in tokenizer_config.json wins over the model type's default (AutoTokenizer
+    # picks by model_type first, e.g. a ByT5 tokenizer saved next to a LLaVA config fails otherwise)
+    cfg_file = Path(path) / "tokenizer_config.json"
+    name = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    loader = getattr(transformers, name, None) if isinstance(name, str) else None
+    loader = loader if loader is not None and hasattr(loader, "from_pretrained") else AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        return loader.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: the tokenizer files do not load ({exc})") from None
 
