@@ -3,6 +3,7 @@ incomplete or mismatched checkpoints, task-count changes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -90,6 +91,8 @@ def test_hf_vlm_dir_loads_as_backbone_and_trains(family, tmp_path):
     vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(**spec))
     vlm.save_pretrained(tmp_path / "vlm")
     byte_tokenizer().save_pretrained(tmp_path / "vlm")
+    stats = {"image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}  # CLIP-like, not the default
+    (tmp_path / "vlm" / "preprocessor_config.json").write_text(json.dumps(stats))
     model_cfg = ModelConfig(preset="tiny", vlm=str(tmp_path / "vlm"))
     assert type(load_tokenizer(model_cfg)).__name__ == "ByT5Tokenizer"
     policy = load_vla(model_cfg, make_info())
@@ -104,6 +107,17 @@ def test_hf_vlm_dir_loads_as_backbone_and_trains(family, tmp_path):
     opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(policy.backbone.model.get_input_embeddings().weight, ref)
+    policy.save_pretrained(tmp_path / "ckpt")  # rebuilds from config.json alone, without the VLM dir
+    loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt")
+    assert torch.allclose(loaded.backbone.std.flatten(), torch.tensor(stats["image_std"]))
+    policy.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(policy(batch)[C.OUT_ACTION], loaded(batch)[C.OUT_ACTION])
+    assert torch.equal(
+        loaded.backbone.model.get_input_embeddings().weight,
+        policy.backbone.model.get_input_embeddings().weight,
+    )
 
 
 def test_language_dir_and_timm_weights_file(tmp_path):

@@ -79,7 +79,8 @@ def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
 
 def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: str | None) -> torch.nn.Module:
     if arch["kind"] == "vlm":
-        return VLMBackbone(arch["vlm"], cfg.trust_remote_code)
+        stats = arch.get("image_stats")
+        return VLMBackbone(arch["vlm"], cfg.trust_remote_code, tuple(stats) if stats else None)
     return NativeBackbone(
         arch["vision"],
         arch["vision_kwargs"],
@@ -91,13 +92,19 @@ def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: s
     )
 
 
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A transformers config as plain JSON values (HF's own serializer handles dtypes etc.)."""
+    return json.loads(config.to_json_string(use_diff=False))
+
+
 def _saved_arch(arch: dict[str, Any], backbone: torch.nn.Module) -> dict[str, Any]:
     """Replace model dirs / hub ids by the full config dicts so a checkpoint rebuilds on its own."""
     out = dict(arch)
     if arch["kind"] == "vlm":
-        out["vlm"] = backbone.model.config.to_dict()
+        out["vlm"] = _config_dict(backbone.model.config)
+        out["image_stats"] = [backbone.mean.flatten().tolist(), backbone.std.flatten().tolist()]
     else:
-        out["language"] = backbone.language.model.config.to_dict()
+        out["language"] = _config_dict(backbone.language.model.config)
     return out
 
 

@@ -51,9 +51,15 @@ class VLMBackbone(nn.Module):
     Args:
         spec: config dict with ``model_type`` (random init) or a model dir / hub id.
         trust_remote_code: transformers flag (off unless the user turns it on).
+        image_stats: (mean, std) per channel; default: the dir's preprocessor_config.json, else 0.5.
     """
 
-    def __init__(self, spec: str | dict[str, Any], trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        spec: str | dict[str, Any],
+        trust_remote_code: bool = False,
+        image_stats: tuple[list[float], list[float]] | None = None,
+    ) -> None:
         super().__init__()
         self.model = load_hf_model(AutoModel, spec, "model.vlm", trust_remote_code)
         cfg = self.model.config
@@ -69,7 +75,7 @@ class VLMBackbone(nn.Module):
         self.num_text_blocks = int(text_cfg.num_hidden_layers)
         self.num_vision_blocks = int(cfg.vision_config.num_hidden_layers)
         self.image_size = int(cfg.vision_config.image_size)
-        mean, std = _image_stats(spec)
+        mean, std = image_stats if image_stats is not None else _image_stats(spec)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
