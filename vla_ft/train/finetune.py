@@ -110,12 +110,12 @@ def make_evaluate_fn(cfg: Config, run_dir: Path, episodes: int | None = None):
     """Simulation evaluation callable(policy, step) -> summary dict (success_rate, ci95_low/high)."""
     from vla_ft.eval import evaluate
 
-    def run(policy, step: int) -> dict:
+    def run(policy, step: int, ckpt: Path | None = None) -> dict:
         out = run_dir / "eval" / f"step_{step:07d}"
         eval_cfg = (
             cfg.eval if episodes is None else type(cfg.eval)(**{**cfg.eval.__dict__, "episodes": episodes})
         )
-        result = evaluate(policy, cfg.env, eval_cfg, out_dir=out, step=step)
+        result = evaluate(policy, cfg.env, eval_cfg, out_dir=out, ckpt=ckpt, step=step)
         low, high = result.ci95
         return {
             "success_rate": result.success_rate,
@@ -192,8 +192,9 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     if cfg.eval.episodes > 0:
         from vla_ft.models import VLAPolicy
 
-        best = VLAPolicy.from_pretrained(run_dir / "best").to(device)
-        final = make_evaluate_fn(cfg, run_dir)(best, result.step)
+        best_dir = (run_dir / "best").resolve()
+        best = VLAPolicy.from_pretrained(best_dir).to(device)
+        final = make_evaluate_fn(cfg, run_dir)(best, result.step, ckpt=best_dir)
         print(
             f"[vla-ft] success rate {final['success_rate']:.1%} "
             f"(95% CI {final['ci95_low']:.1%}-{final['ci95_high']:.1%}) over {final['episodes']} "

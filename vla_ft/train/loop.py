@@ -58,7 +58,7 @@ def make_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=getattr(ds, "worker_init_fn", None),
+        collate_fn=getattr(ds, "collate_fn", None),  # batched fetch (TrajectoryDataset.get_batch)
     )
 
 
