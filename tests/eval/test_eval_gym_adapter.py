@@ -61,7 +61,7 @@ def test_adapter_flips_images_and_renders_named_cameras():
     try:
         a, _ = plain.reset(seed=1)
         b, _ = flipped.reset(seed=1)
-        np.testing.assert_array_equal(a["agentview_image"][::-1], b["agentview_image"])
+        np.testing.assert_array_equal(a["agentview_image"][::-1, ::-1], b["agentview_image"])  # 180 deg
     finally:
         plain.close()
         flipped.close()
