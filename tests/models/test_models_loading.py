@@ -125,19 +125,18 @@ def test_language_dir_and_timm_weights_file(tmp_path):
         LlamaConfig(**{k: v for k, v in get_preset("tiny").language.items() if k != "model_type"})
     )
     lm.save_pretrained(tmp_path / "lm")
-    vision = timm.create_model(
-        "resnet18", num_classes=0, layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16
-    )
+    vision = timm.create_model("resnet18", num_classes=0, **get_preset("tiny").vision_kwargs)
     save_file(vision.state_dict(), tmp_path / "vision.safetensors")
     cfg = ModelConfig(
         preset="tiny", language=str(tmp_path / "lm"), vision_pretrained=str(tmp_path / "vision.safetensors")
     )
     policy = load_vla(cfg, make_info())
     assert torch.equal(policy.backbone.language.model.norm.weight, lm.norm.weight)
-    assert torch.equal(policy.backbone.vision.model.conv1.weight, vision.conv1.weight)
+    assert torch.equal(policy.backbone.vision.model.layer1[0].conv1.weight, vision.layer1[0].conv1.weight)
     policy.save_pretrained(tmp_path / "ckpt")  # rebuilds from the saved configs alone
     assert torch.equal(
-        VLAPolicy.from_pretrained(tmp_path / "ckpt").backbone.vision.model.conv1.weight, vision.conv1.weight
+        VLAPolicy.from_pretrained(tmp_path / "ckpt").backbone.vision.model.layer1[0].conv1.weight,
+        vision.layer1[0].conv1.weight,
     )
 
 

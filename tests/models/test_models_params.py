@@ -44,7 +44,7 @@ def test_tiny_vision_depth_follows_stages(tiny):
         if i.module == C.MODULE_VISION
     }
     assert (
-        d["conv1.weight"]
+        d["conv1.0.weight"]
         < d["layer1.0.conv1.weight"]
         < d["layer2.0.conv1.weight"]
         < d["layer4.0.conv1.weight"]

@@ -102,7 +102,7 @@ def _saved_arch(arch: dict[str, Any], backbone: torch.nn.Module) -> dict[str, An
     out = dict(arch)
     if arch["kind"] == "vlm":
         out["vlm"] = _config_dict(backbone.model.config)
-        out["image_stats"] = [backbone.mean.flatten().tolist(), backbone.std.flatten().tolist()]
+        out["image_stats"] = list(backbone.image_stats)
     else:
         out["language"] = _config_dict(backbone.language.model.config)
     return out

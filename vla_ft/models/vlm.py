@@ -76,6 +76,7 @@ class VLMBackbone(nn.Module):
         self.num_vision_blocks = int(cfg.vision_config.num_hidden_layers)
         self.image_size = int(cfg.vision_config.image_size)
         mean, std = image_stats if image_stats is not None else _image_stats(spec)
+        self.image_stats = (list(mean), list(std))  # plain lists: saved in config.json (also on meta)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
