@@ -5,9 +5,10 @@
     python scripts/bench_model.py --presets tiny --batch 64 --size 64
     python scripts/bench_model.py --device cuda --presets tiny,small,smolvlm-256m --precision bf16
 
-Synthetic batch: B x (history 1, 2 cameras, 3, size, size) uint8 images, 9-dim state, 24 instruction
-tokens, chunk 4, action dim 4. ``step_ms`` is the median of ``--steps`` timed training steps (L1 +
-task loss, AdamW) after 2 warm-up steps; ``infer_ms`` is the median latency of ``predict_action`` on
+Synthetic batch: B x (history 1, 2 cameras, 3, size, size) uint8 images, 5-dim state,
+``--instr-tokens`` instruction tokens (48: a typical instruction in byte-level tokens), chunk 4,
+action dim 4. ``step_ms`` is the median of ``--steps`` timed training steps (L1 + task loss, AdamW)
+after 2 warm-up steps; ``infer_ms`` is the median latency of ``predict_action`` on
 one observation (one chunk), and ``actions_per_s`` = chunk / infer latency (the queue executes the
 whole chunk). Prints a table and writes JSON to ``--out``.
 """
@@ -53,13 +54,13 @@ def _info(size: int, chunk: int) -> SimpleNamespace:
     )
 
 
-def _batch(info: SimpleNamespace, b: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _batch(info: SimpleNamespace, b: int, n_tok: int, device: torch.device) -> dict[str, torch.Tensor]:
     h, w = info.image_size
     batch = {
         C.IMAGES: torch.randint(0, 256, (b, 1, 2, 3, h, w), dtype=torch.uint8),
         C.STATE: torch.randn(b, 1, info.state_dim),
-        C.INSTR_IDS: torch.randint(3, 259, (b, 24)),
-        C.INSTR_MASK: torch.ones(b, 24, dtype=torch.long),
+        C.INSTR_IDS: torch.randint(3, 259, (b, n_tok)),
+        C.INSTR_MASK: torch.ones(b, n_tok, dtype=torch.long),
         C.ACTION: torch.rand(b, info.chunk, 4) * 2 - 1,
         C.TASK_ID: torch.randint(0, 2, (b,)),
     }
@@ -77,7 +78,7 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> d
     policy = load_vla(ModelConfig(preset=name), info).to(device)
     trainable, total = count_parameters(policy)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = _batch(info, args.batch, device)
+    batch = _batch(info, args.batch, args.instr_tokens, device)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]
     times = []
     policy.train()
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=4)
+    ap.add_argument("--instr-tokens", type=int, default=48)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--infer-calls", type=int, default=10)
     ap.add_argument("--device", default="cpu")
