@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev,lora]'
+	$(PY) -m pip install -q -e '.[dev,lora,metaworld]'
 	touch $(STAMP)
 
 setup: $(STAMP)
