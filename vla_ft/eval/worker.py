@@ -87,6 +87,9 @@ class _Slot:
 def _episode_limit(env: Any, max_steps: int | None) -> int:
     if max_steps is not None:
         return max_steps
+    own = getattr(getattr(env, "unwrapped", env), "max_steps", None)  # our suite's tasks truncate themselves
+    if isinstance(own, int) and own > 0:
+        return own
     spec = getattr(env, "spec", None)
     limit = getattr(spec, "max_episode_steps", None) if spec is not None else None
     return int(limit) if limit else HARD_STEP_CAP
