@@ -128,7 +128,7 @@ register(
         pool_grid=2,
         channels_last=False,
         language=_llama(width=128, layers=2, heads=4, kv_heads=4, ffn=256),
-        description="~0.6M params: 4-stage narrow ResNet (timm) + 2-layer 128-wide Llama; CPU training",
+        description="~0.8M params: 4-stage narrow ResNet (timm) + 2-layer 128-wide Llama; CPU training",
     )
 )
 register(
