@@ -136,3 +136,13 @@ def test_size_overrides_apply_to_the_language_model(preset):
     )
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (64, 1, 2)
     assert policy(make_batch(make_info()))[C.OUT_HIDDEN].shape[-1] == 64
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-vlm"])
+def test_prediction_does_not_depend_on_the_batch_padding(preset):
+    """A short instruction batched with a long one gives the same chunk as alone (position ids skip pads)."""
+    policy = load_vla(ModelConfig(preset=preset), make_info())
+    obs = make_obs(make_info(), n=2)
+    both = policy.predict_action(obs, ["go", "pick up the red cube and put it in the blue bowl"])
+    alone = policy.predict_action({k: v[:1] for k, v in obs.items()}, ["go"])
+    np.testing.assert_allclose(both[:1], alone, rtol=1e-4, atol=1e-5)

@@ -84,7 +84,9 @@ class LanguageBackbone(nn.Module):
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, N, D) embeddings + (B, N) attention mask -> (B, N, D) final hidden states."""
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=packed_positions(mask), use_cache=False
+        )
         return out.last_hidden_state
 
     def set_gradient_checkpointing(self, enable: bool) -> None:
@@ -93,6 +95,16 @@ class LanguageBackbone(nn.Module):
     def layer_ids(self) -> tuple[dict[str, int], int]:
         """Embeddings depth 0, block i depth i+1, final norm depth num_blocks+1."""
         return transformer_depths(self.model, self.num_blocks)
+
+
+def packed_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: (B, N) mask -> (B, N) ids 0, 1, ... over the real tokens.
+
+    Padding inside the sequence (between the instruction and the action queries) would otherwise
+    shift the queries' positions by the batch's longest instruction, so a sample's output would
+    depend on the other samples in its batch and differ between training and inference.
+    """
+    return (mask.long().cumsum(1) - 1).clamp_(min=0)
 
 
 def transformer_depths(module: nn.Module, num_blocks: int) -> tuple[dict[str, int], int]:

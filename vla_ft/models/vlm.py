@@ -24,7 +24,7 @@ from transformers import AutoModel
 from vla_ft.constants import MODULE_LANGUAGE, MODULE_PROJECTOR, MODULE_VISION
 from vla_ft.errors import ConfigError
 from vla_ft.models.backbone import Depths
-from vla_ft.models.language import load_hf_model, set_hf_checkpointing, transformer_depths
+from vla_ft.models.language import load_hf_model, packed_positions, set_hf_checkpointing, transformer_depths
 
 # model_type -> (vision tower, connector/projector, language model) attribute names
 FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -97,7 +97,10 @@ class VLMBackbone(nn.Module):
         return self.model.get_input_embeddings()(ids)  # (B, L, D)
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self._part(self.lm_attr)(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        lm = self._part(self.lm_attr)
+        out = lm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=packed_positions(mask), use_cache=False
+        )
         return out.last_hidden_state  # (B, N, D)
 
     def set_gradient_checkpointing(self, enable: bool) -> None:
