@@ -17,7 +17,11 @@ STATE_KEYS = ["ee_pos", "gripper_qpos"]
 
 
 def make_info(
-    action_dim: int = 4, tasks: tuple[str, ...] = ("pick_place", "stack"), chunk: int = 4, size: int = 32
+    action_dim: int = 4,
+    tasks: tuple[str, ...] = ("pick_place", "stack"),
+    chunk: int = 4,
+    size: int = 32,
+    history: int = 1,
 ):
     """A DatasetInfo stand-in with a min_max normalizer whose action range is [-3, 5] per dim."""
     rng = np.random.default_rng(0)
@@ -31,7 +35,7 @@ def make_info(
         image_keys=list(IMAGE_KEYS),
         state_keys=list(STATE_KEYS),
         image_size=(size, size),
-        history=1,
+        history=history,
         chunk=chunk,
         task_names=list(tasks),
         normalizer=norm,

@@ -146,3 +146,25 @@ def test_prediction_does_not_depend_on_the_batch_padding(preset):
     both = policy.predict_action(obs, ["go", "pick up the red cube and put it in the blue bowl"])
     alone = policy.predict_action({k: v[:1] for k, v in obs.items()}, ["go"])
     np.testing.assert_allclose(both[:1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_history_frames(monkeypatch):
+    info = make_info(history=2)
+    policy = load_vla(ModelConfig(preset="tiny"), info)
+    assert policy(make_batch(info))[C.OUT_ACTION].shape == (3, 4, 4)
+    assert policy.predict_action(make_obs(info), "go").shape == (4, 4)  # one frame: repeated to 2
+    seen = []
+    real = policy.predict_action
+    monkeypatch.setattr(policy, "predict_action", lambda obs, instr: seen.append(obs) or real(obs, instr))
+    policy.reset()
+    first, second = make_obs(info, seed=1), make_obs(info, seed=2)
+    policy.select_action(first, "go")
+    policy.cfg.n_action_steps = 1
+    policy.reset()
+    policy.select_action(first, "go")
+    policy.select_action(second, "go")
+    stacked = seen[-1]["wrist_image"]  # (N, T, H, W, 3): previous then current frame
+    assert stacked.shape[:2] == (1, 2)
+    assert np.array_equal(stacked[0, 0], first["wrist_image"]) and np.array_equal(
+        stacked[0, 1], second["wrist_image"]
+    )
