@@ -107,8 +107,12 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_cfg):
     m_acc, _ = train_step(twin, loss_fn, micro, opts[1], scaler, amp, 0.0)
     torch.testing.assert_close(m_full["loss"], m_acc["loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(m_full["grad_norm"], m_acc["grad_norm"], rtol=1e-4, atol=1e-6)
+    # Compare the accumulated gradients (what accumulation must get right). Parameters after the
+    # AdamW step are not compared: Adam's first step moves each weight by ~lr * sign(grad), so a
+    # gradient at float-noise level may flip sign between the two summation orders.
+    scale = max(p.grad.abs().max().item() for p in policy.parameters() if p.grad is not None)
     for (name, a), b in zip(policy.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5 * scale, msg=name)
 
 
 def _finetune_cmd(overrides: list[str]) -> list[str]:
