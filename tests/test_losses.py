@@ -62,7 +62,9 @@ def test_dim_weights_scale_terms(kind):
     loss_w, _ = ActionTaskLoss(LossConfig(action=kind, w_task=0.0, dim_weights=w), 4)(out, batch)
     sub_out = {K.OUT_ACTION: out[K.OUT_ACTION][..., :1]}
     sub_batch = {K.ACTION: batch[K.ACTION][..., :1], K.ACTION_IS_PAD: batch[K.ACTION_IS_PAD]}
-    loss_1, _ = ActionTaskLoss(LossConfig(action=kind, w_task=0.0, gripper_dim=0), 1).action_loss(sub_out, sub_batch)
+    loss_1, _ = ActionTaskLoss(LossConfig(action=kind, w_task=0.0, gripper_dim=0), 1).action_loss(
+        sub_out, sub_batch
+    )
     torch.testing.assert_close(loss_w, loss_1)
 
 

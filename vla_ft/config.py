@@ -204,9 +204,16 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a value in [0, 1)")
         _check(self.bin_range > 0, "model.bin_range", self.bin_range, "use a positive range, e.g. 1.0")
         if self.n_action_steps is not None:
-            _check(self.n_action_steps >= 1, "model.n_action_steps", self.n_action_steps, "use 1 or more, or null")
+            _check(
+                self.n_action_steps >= 1,
+                "model.n_action_steps",
+                self.n_action_steps,
+                "use 1 or more, or null",
+            )
         if self.temporal_ensemble is not None:
-            _check(self.temporal_ensemble >= 0, "model.temporal_ensemble", self.temporal_ensemble, "use k >= 0")
+            _check(
+                self.temporal_ensemble >= 0, "model.temporal_ensemble", self.temporal_ensemble, "use k >= 0"
+            )
         _check(
             self.action_low < self.action_high,
             "model.action_low",
@@ -368,7 +375,8 @@ class EvalConfig:
     temporal_ensemble: float | None = None  # exponential weight for temporal ensembling (None: off)
     video: int = 0  # videos to save of each outcome (successes and failures)
     out_dir: str | None = None  # None: <run dir>/eval
-    num_envs: int = 8  # concurrent episodes (policy batch), split over workers; results don't depend on workers
+    # concurrent episodes (the policy batch), split over workers; results don't depend on workers
+    num_envs: int = 8
     worker_timeout_s: float = 300.0  # a worker silent this long counts as crashed (its episodes fail)
 
     def __post_init__(self) -> None:
