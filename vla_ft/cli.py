@@ -31,26 +31,26 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def _finetune(argv: Sequence[str]) -> int:
-    p = _parser("finetune", "Full-parameter fine-tuning of a pretrained VLA, with periodic sim evaluation.")
-    args = p.parse_args(argv)
-    cfg = load_config(args.cfg, args.overrides)
-    from vla_ft.train.finetune import run_finetune
+def _train_command(prog: str, description: str) -> Callable[[Sequence[str]], int]:
+    """finetune and pretrain: the same full-parameter loop, driven by the config."""
 
-    run_finetune(cfg)
-    return 0
+    def command(argv: Sequence[str]) -> int:
+        args = _parser(prog, description).parse_args(argv)
+        cfg = load_config(args.cfg, args.overrides)
+        from vla_ft.train.finetune import run_finetune
+
+        run_finetune(cfg)
+        return 0
+
+    return command
 
 
-def _pretrain(argv: Sequence[str]) -> int:
-    p = _parser(
-        "pretrain", "Train a base VLA from scratch on a multi-task demo suite (same loop as finetune)."
-    )
-    args = p.parse_args(argv)
-    cfg = load_config(args.cfg, args.overrides)
-    from vla_ft.train.finetune import run_finetune
-
-    run_finetune(cfg)
-    return 0
+_finetune = _train_command(
+    "finetune", "Full-parameter fine-tuning of a pretrained VLA, with periodic sim evaluation."
+)
+_pretrain = _train_command(
+    "pretrain", "Train a base VLA from scratch on a multi-task demo suite (same loop as finetune)."
+)
 
 
 def _evaluate(argv: Sequence[str]) -> int:
