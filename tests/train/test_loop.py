@@ -273,3 +273,50 @@ def test_wandb_offline_or_disabled_touches_no_server(reach_file, tmp_path, mode,
         assert runs, "offline mode should leave a local run to sync later"
     rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["step"] == 3
+
+
+@pytest.mark.sim
+def test_periodic_sim_eval_early_stops_on_success_rate_with_ema_and_unfreezing(tiny_cfg):
+    extra = {
+        "train.steps": 12,
+        "train.eval_every": 3,
+        "train.best_metric": "success_rate",
+        "train.patience": 1,
+        "train.val_every": 0,
+        "train.ema": 0.9,
+        "train.unfreeze_steps": 6,
+        "model.gradient_checkpointing": "true",
+        "eval.episodes": 2,
+        "eval.num_envs": 2,
+        "eval.workers": 1,
+        "eval.max_steps": 5,
+    }
+    result = run_finetune(tiny_cfg(**extra))
+    evals = [r for r in read_metrics(result.run_dir) if r["split"] == "eval"]
+    # An untrained policy scores 0 at step 3 (the best so far) and again at step 6: patience 1 stops it.
+    assert [r["step"] for r in evals] == [3, 6]
+    assert result.fit.stopped_early and result.fit.step == 6
+    assert (result.run_dir / "best").resolve().name == "step_0000003"
+    assert (result.run_dir / "eval" / "step_0000003" / "eval.json").is_file()
+    assert result.eval is not None and result.eval["episodes"] == 2
+    state, tensors = ckpt_io.load_training_state(result.run_dir / "last")
+    assert "raw_model" in tensors and state["ema_n_averaged"] > 0
+
+
+def test_resume_with_ema_from_a_checkpoint_path_continues_exactly(tiny_cfg):
+    common = {"train.steps": 6, "train.save_every": 3, "train.val_every": 0, "train.ema": 0.9}
+    full = run_finetune(tiny_cfg(**common, **{"train.run_name": "a", "train.deterministic": "true"}))
+    ckpt = full.run_dir / "checkpoints" / "step_0000003"
+    resumed = run_finetune(
+        tiny_cfg(
+            **common, **{"train.run_name": "b", "train.deterministic": "true", "train.resume": str(ckpt)}
+        )
+    )
+    a, b = _losses(full.run_dir), _losses(resumed.run_dir)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+    ema_a = VLAPolicy.from_pretrained(full.run_dir / "last").state_dict()
+    ema_b = VLAPolicy.from_pretrained(resumed.run_dir / "last").state_dict()
+    for name, value in ema_a.items():
+        torch.testing.assert_close(ema_b[name], value, msg=name)

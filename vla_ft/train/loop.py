@@ -233,7 +233,11 @@ def fit(
             if device.type == "cuda":
                 row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(step, "train", row)
-            logger.progress(step, {"loss": row["loss"], "lr": row["lr"], "gnorm": row["grad_norm"]})
+            bar = {"loss": row["loss"], "lr": row["lr"], "gnorm": row["grad_norm"]}
+            bar.update({"smp/s": row["samples_per_s"], "wait": row["data_wait_share"]})
+            if "mem_gb" in row:
+                bar["memGB"] = row["mem_gb"]
+            logger.progress(step, bar)
             data_wait = step_time = 0.0
 
         if val_loader is not None and tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
