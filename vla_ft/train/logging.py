@@ -123,27 +123,23 @@ def write_plots(run_dir: Path) -> list[Path]:
                 pts = [(s, v) for s, v in pts if math.isfinite(v)]
                 if pts:
                     ax.plot(*zip(*pts), label=f"{split} {key}", linestyle="-" if split == "train" else "--")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out = run_dir / "loss.png"
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        written.append(out)
+        written.append(_save(plt, fig, ax, "loss", run_dir / "loss.png"))
     pts = [(r["step"], r["success_rate"]) for r in rows if r["split"] == "eval" and "success_rate" in r]
     if pts:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(*zip(*pts), marker="o")
-        ax.set_xlabel("step")
-        ax.set_ylabel("success rate")
         ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out = run_dir / "success.png"
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        written.append(out)
+        written.append(_save(plt, fig, ax, "success rate", run_dir / "success.png"))
     return written
+
+
+def _save(plt, fig, ax, ylabel: str, out: Path) -> Path:
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
