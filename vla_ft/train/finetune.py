@@ -40,14 +40,10 @@ def check_config(cfg: Config) -> None:
         )
     if tc.patience is not None and tc.best_metric == "val_loss" and not tc.val_every:
         raise ConfigError("train.patience with train.best_metric=val_loss needs train.val_every > 0")
-    if tc.parallel != "none" and "WORLD_SIZE" not in os.environ:
-        raise ConfigError(
-            f"train.parallel={tc.parallel} needs a torchrun launch "
-            f"(torchrun --nproc_per_node N scripts/finetune.py ...); use train.parallel=none for one process"
-        )
     if tc.parallel != "none":
         raise ConfigError(
-            f"train.parallel={tc.parallel} is not available in this version: use train.parallel=none"
+            f"train.parallel={tc.parallel} is not available in this version (torchrun DDP/FSDP2 is planned): "
+            f"use train.parallel=none"
         )
     if cfg.data.collect_if_missing and Path(cfg.collect.output) != Path(cfg.data.paths[0]):
         raise ConfigError(
