@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from vla_ft.config import Config
 from vla_ft.data.sampler import ResumableSampler
-from vla_ft.errors import VLAFTError
+from vla_ft.errors import CheckpointError, VLAFTError
 from vla_ft.losses import ActionTaskLoss
 from vla_ft.train import checkpoint as ckpt_io
 from vla_ft.train.logging import RunLogger
@@ -120,6 +120,11 @@ def fit(
         scheduler.load_state_dict(tensors["scheduler"])
         if "scaler" in tensors:
             scaler.load_state_dict(tensors["scaler"])
+        if (ema is not None) != ("raw_model" in tensors):
+            raise CheckpointError(
+                f"train.ema={tc.ema} but the checkpoint was saved with"
+                f"{'out' if 'raw_model' not in tensors else ''} EMA: resume with the run's own train.ema"
+            )
         if ema is not None:
             ema.module.load_state_dict(policy.state_dict())  # the policy was loaded with EMA weights
             ema.n_averaged.fill_(state["ema_n_averaged"])
@@ -156,7 +161,7 @@ def fit(
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "rng": rng,
         }
-        raw = {k: v for k, v in policy.state_dict().items()} if ema is not None else None
+        raw = policy.state_dict() if ema is not None else None
         path = ckpt_io.save_checkpoint(run_dir, step, eval_model().save_pretrained, state, tensors, raw)
         saved[step] = path
         if tag_best:
