@@ -38,7 +38,8 @@ from vla_ft.data.normalize import Normalizer  # noqa: E402
 from vla_ft.models import count_parameters, load_vla  # noqa: E402
 
 
-def _info(size: int, chunk: int) -> SimpleNamespace:
+def synthetic_info(size: int, chunk: int) -> SimpleNamespace:
+    """Dims of a two-camera, 4-dim-action task (also used by bench_train.py)."""
     rng = np.random.default_rng(0)
     norm = Normalizer.from_arrays("min_max", rng.uniform(-1, 1, (64, 4)), rng.normal(size=(64, 5)))
     return SimpleNamespace(
@@ -54,7 +55,10 @@ def _info(size: int, chunk: int) -> SimpleNamespace:
     )
 
 
-def _batch(info: SimpleNamespace, b: int, n_tok: int, device: torch.device) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    info: SimpleNamespace, b: int, n_tok: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """A random training batch in the batch vocabulary (also used by bench_train.py)."""
     h, w = info.image_size
     batch = {
         C.IMAGES: torch.randint(0, 256, (b, 1, 2, 3, h, w), dtype=torch.uint8),
@@ -62,7 +66,9 @@ def _batch(info: SimpleNamespace, b: int, n_tok: int, device: torch.device) -> d
         C.INSTR_IDS: torch.randint(3, 259, (b, n_tok)),
         C.INSTR_MASK: torch.ones(b, n_tok, dtype=torch.long),
         C.ACTION: torch.rand(b, info.chunk, 4) * 2 - 1,
+        C.ACTION_IS_PAD: torch.zeros(b, info.chunk, dtype=torch.bool),
         C.TASK_ID: torch.randint(0, 2, (b,)),
+        C.PROGRESS: torch.rand(b),
     }
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -73,12 +79,12 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    info = _info(args.size, args.chunk)
+    info = synthetic_info(args.size, args.chunk)
     torch.manual_seed(0)
     policy = load_vla(ModelConfig(preset=name), info).to(device)
     trainable, total = count_parameters(policy)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, fused=device.type == "cuda")
-    batch = _batch(info, args.batch, args.instr_tokens, device)
+    batch = synthetic_batch(info, args.batch, args.instr_tokens, device)
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]
     times = []
     policy.train()

@@ -4,7 +4,7 @@
     python scripts/bench_train.py                       # tiny preset, CPU, fp32
     python scripts/bench_train.py --presets tiny,small --device cuda --precision bf16
 
-Both loops train a copy of the same freshly built policy on the same synthetic batch: the toolkit's
+Both loops train a copy of the same freshly built policy on the same synthetic batch (bench_model's, two cameras): the toolkit's
 ``train_step`` (parameter groups, combined loss with per-term metrics, autocast, clipping, NaN
 check) and a plain ``AdamW`` + L1 loop. Blocks of steps alternate between the two so machine noise
 hits both alike; the table reports the median block. On CUDA it also reports MFU (FLOPs counted by
@@ -25,14 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_model import synthetic_batch, synthetic_info  # noqa: E402
 
 from vla_ft import constants as K  # noqa: E402
 from vla_ft.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
-from vla_ft.data.dataset import DatasetInfo  # noqa: E402
-from vla_ft.data.normalize import Normalizer  # noqa: E402
 from vla_ft.losses import ActionTaskLoss  # noqa: E402
 from vla_ft.models import load_vla, param_info  # noqa: E402
 from vla_ft.train.optim import build_optimizer, build_param_groups  # noqa: E402
@@ -46,35 +44,6 @@ PEAK_BF16 = {
     "H100 PCIe": 756e12,
     "A100": 312e12,
 }
-
-
-def synthetic(batch: int, image: int, cams: int, chunk: int, adim: int = 4, sdim: int = 5, tokens: int = 48):
-    g = torch.Generator().manual_seed(0)
-    info = DatasetInfo(
-        action_dim=adim,
-        state_dim=sdim,
-        image_keys=[f"cam{i}" for i in range(cams)],
-        state_keys=["state"],
-        image_size=(image, image),
-        history=1,
-        chunk=chunk,
-        task_names=["task0", "task1"],
-        normalizer=Normalizer.from_arrays("mean_std", np.random.randn(100, adim), np.random.randn(100, sdim)),
-        num_train_demos=1,
-        num_val_demos=0,
-        num_train_samples=batch,
-    )
-    data = {
-        K.IMAGES: torch.randint(0, 255, (batch, 1, cams, 3, image, image), dtype=torch.uint8, generator=g),
-        K.STATE: torch.randn(batch, 1, sdim, generator=g),
-        K.INSTR_IDS: torch.randint(3, 200, (batch, tokens), generator=g),
-        K.INSTR_MASK: torch.ones(batch, tokens, dtype=torch.long),
-        K.ACTION: torch.randn(batch, chunk, adim, generator=g).clamp(-1, 1),
-        K.ACTION_IS_PAD: torch.zeros(batch, chunk, dtype=torch.bool),
-        K.TASK_ID: torch.randint(0, 2, (batch,), generator=g),
-        K.PROGRESS: torch.rand(batch, generator=g),
-    }
-    return info, data
 
 
 def sync(device: torch.device) -> None:
@@ -94,8 +63,8 @@ def step_flops(policy, batch) -> float:
 
 
 def bench_preset(name: str, args, device: torch.device, precision: str) -> dict:
-    info, batch = synthetic(args.batch, args.image_size, args.cameras, args.chunk)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    info = synthetic_info(args.image_size, args.chunk)
+    batch = synthetic_batch(info, args.batch, args.instr_tokens, device)
     torch.manual_seed(0)
     policy = load_vla(ModelConfig(preset=name), info).to(device)
     policy.set_gradient_checkpointing(args.checkpointing)
@@ -158,7 +127,7 @@ def main() -> None:
     p.add_argument("--presets", default="tiny")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--cameras", type=int, default=2)
+    p.add_argument("--instr-tokens", type=int, default=48)
     p.add_argument("--chunk", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5, help="alternating timed blocks per loop")
