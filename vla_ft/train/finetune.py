@@ -102,25 +102,23 @@ def resolve_pretrained(spec: str | None) -> str | None:
     return spec
 
 
-def make_evaluate_fn(cfg: Config, run_dir: Path, episodes: int | None = None):
-    """Simulation evaluation callable(policy, step) -> summary dict (success_rate, ci95_low/high)."""
+def sim_evaluate(cfg: Config, run_dir: Path, policy, step: int, ckpt: Path | None = None, name=None):
+    """Evaluate ``policy`` in simulation into ``<run>/eval/<name or step_N>``; returns the ``EvalResult``."""
     from vla_ft.eval import evaluate
 
-    def run(policy, step: int, ckpt: Path | None = None) -> dict:
-        out = run_dir / "eval" / f"step_{step:07d}"
-        eval_cfg = (
-            cfg.eval if episodes is None else type(cfg.eval)(**{**cfg.eval.__dict__, "episodes": episodes})
-        )
-        result = evaluate(policy, cfg.env, eval_cfg, out_dir=out, ckpt=ckpt, step=step)
-        low, high = result.ci95
-        return {
-            "success_rate": result.success_rate,
-            "ci95_low": low,
-            "ci95_high": high,
-            "episodes": len(result.episodes),
-        }
+    out = run_dir / "eval" / (name or f"step_{step:07d}")
+    return evaluate(policy, cfg.env, cfg.eval, out_dir=out, ckpt=ckpt, step=step)
 
-    return run
+
+def eval_metrics(result) -> dict[str, float]:
+    """The numbers the training loop logs and tracks from an ``EvalResult``."""
+    low, high = result.ci95
+    return {
+        "success_rate": result.success_rate,
+        "ci95_low": low,
+        "ci95_high": high,
+        "episodes": len(result.episodes),
+    }
 
 
 def run_finetune(cfg: Config) -> FinetuneResult:
@@ -157,7 +155,9 @@ def run_finetune(cfg: Config) -> FinetuneResult:
 
     resume = ckpt_io.load_training_state(resume_ckpt) if resume_ckpt else None
     augment = Augmenter(cfg.data.augment) if cfg.data.augment.enabled else None
-    evaluate_fn = make_evaluate_fn(cfg, run_dir) if cfg.train.eval_every else None
+    evaluate_fn = None
+    if cfg.train.eval_every:
+        evaluate_fn = lambda policy, step: eval_metrics(sim_evaluate(cfg, run_dir, policy, step))  # noqa: E731
     gripper_zero = float(
         info.normalizer.normalize_action(np.zeros(info.action_dim, np.float32))[cfg.loss.gripper_dim]
     )
@@ -186,16 +186,16 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     )
     final = None
     if cfg.eval.episodes > 0:
+        from vla_ft.eval.run import summary
         from vla_ft.models import VLAPolicy
 
         best_dir = (run_dir / "best").resolve()
         best = VLAPolicy.from_pretrained(best_dir).to(device)
-        final = make_evaluate_fn(cfg, run_dir)(best, result.step, ckpt=best_dir)
-        print(
-            f"[vla-ft] success rate {final['success_rate']:.1%} "
-            f"(95% CI {final['ci95_low']:.1%}-{final['ci95_high']:.1%}) over {final['episodes']} "
-            f"episodes of {cfg.env.task}; report: {run_dir / 'eval'}"
+        evaluation = sim_evaluate(
+            cfg, run_dir, best, result.step, ckpt=best_dir, name=f"final_{best_dir.name}"
         )
+        final = eval_metrics(evaluation)
+        print(f"[vla-ft] final evaluation of {best_dir.name} on {cfg.env.task}:\n{summary(evaluation)}")
     if cfg.log.plots:
         from vla_ft.train.logging import write_plots
 
