@@ -30,6 +30,9 @@ class NativeBackbone(nn.Module):
         vision_pretrained: local timm weights, or None.
         channels_last: CNN memory format.
         trust_remote_code: transformers flag.
+        keypoints: spatial-softmax keypoint token per image (0: none).
+        film: condition the CNN stages on the instruction (FiLM from the language model's mean
+            hidden state over the instruction tokens).
     """
 
     def __init__(
@@ -41,18 +44,29 @@ class NativeBackbone(nn.Module):
         vision_pretrained: str | None = None,
         channels_last: bool = True,
         trust_remote_code: bool = False,
+        keypoints: int = 0,
+        film: bool = False,
     ) -> None:
         super().__init__()
-        self.vision = TimmVisionEncoder(vision, vision_kwargs, pool_grid, vision_pretrained, channels_last)
         self.language = LanguageBackbone(language, trust_remote_code)
         d = self.language.hidden_size
+        self.vision = TimmVisionEncoder(
+            vision, vision_kwargs, pool_grid, vision_pretrained, channels_last, keypoints, d if film else 0
+        )
+        self.conditions_vision = film
         self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, d), nn.GELU(), nn.Linear(d, d))
         self.hidden_size = d
         self.vocab_size = int(self.language.model.get_input_embeddings().num_embeddings)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """float (N, 3, H, W) in [0, 1] -> (N, P, D) tokens in the language width."""
-        return self.projector(self.vision(images))
+    def encode_images(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """float (N, 3, H, W) in [0, 1] (+ (N, D) FiLM conditioning) -> (N, P, D) tokens."""
+        return self.projector(self.vision(images, cond))
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Instruction alone through the language model -> (B, D) mean over its real tokens."""
+        hidden = self.language(self.embed_tokens(ids), mask)  # (B, L, D)
+        weights = mask.to(hidden.dtype)[..., None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language.embed_tokens(ids)  # (B, L, D)
@@ -73,6 +87,8 @@ class NativeBackbone(nn.Module):
         ldepth, ln = self.language.layer_ids()
         for name, d in ldepth.items():
             out[f"language.model.{name}"] = (MODULE_LANGUAGE, d, ln)
+        for name in self.vision.own_parameter_names():  # FiLM generators, keypoints: top of vision
+            out[f"vision.{name}"] = (MODULE_VISION, vn - 1, vn)
         for name, _ in self.projector.named_parameters():
             out[f"projector.{name}"] = (MODULE_PROJECTOR, 0, 1)
         return out

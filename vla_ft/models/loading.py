@@ -73,6 +73,8 @@ def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
         "vision_kwargs": dict(cfg.extra.get("vision_kwargs", {} if custom_vision else preset.vision_kwargs)),
         "pool_grid": int(cfg.extra.get("pool_grid", preset.pool_grid)),
         "channels_last": bool(cfg.extra.get("channels_last", preset.channels_last)),
+        "keypoints": int(cfg.extra.get("keypoints", preset.keypoints)),
+        "film": bool(cfg.extra.get("film", preset.film)),
         "language": language,
     }
 
@@ -89,6 +91,8 @@ def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: s
         vision_pretrained,
         arch["channels_last"],
         cfg.trust_remote_code,
+        int(arch.get("keypoints", 0)),  # absent in checkpoints written before these options
+        bool(arch.get("film", False)),
     )
 
 

@@ -96,21 +96,27 @@ class VLAPolicy(nn.Module):
         images = batch[IMAGES]  # (B, T, K, 3, H, W) uint8
         b, t, k = images.shape[:3]
         x = images.reshape(b * t * k, *images.shape[3:]).float() / 255.0
-        img = self.backbone.encode_images(x)  # (B*T*K, P, D)
+        ids, mask = batch[INSTR_IDS], batch[INSTR_MASK]
+        if not ids.is_cuda:  # right-padded: drop columns of padding only (a host sync: CPU only)
+            n = max(1, int(mask.sum(1).max()))
+            ids, mask = ids[:, :n], mask[:, :n]
+        if getattr(self.backbone, "conditions_vision", False):  # FiLM: the instruction steers the CNN
+            cond = self.backbone.encode_text(ids, mask).repeat_interleave(t * k, dim=0)  # (B*T*K, D)
+            img = self.backbone.encode_images(x, cond)  # (B*T*K, P, D)
+        else:
+            img = self.backbone.encode_images(x)  # (B*T*K, P, D)
         img = img.reshape(b, t * k, img.shape[1], -1) + self.view_embed[:, None].to(img.dtype)
         img = img.reshape(b, -1, img.shape[-1])  # (B, T*K*P, D)
         parts = [img]
         if self.state_proj is not None:
             parts.append(self.state_proj(batch[STATE].reshape(b, -1).to(img.dtype))[:, None])  # (B, 1, D)
-        ids, mask = batch[INSTR_IDS], batch[INSTR_MASK]
-        n = max(1, int(mask.sum(1).max()))  # right-padded: drop columns of padding only
-        parts.append(self.backbone.embed_tokens(ids[:, :n]))  # (B, L, D)
+        parts.append(self.backbone.embed_tokens(ids))  # (B, L, D)
         parts.append(self.action_queries[None].expand(b, -1, -1).to(img.dtype))  # (B, H, D)
         parts.append(self.readout[None].expand(b, -1, -1).to(img.dtype))  # (B, 1, D)
         seq = self.dropout(torch.cat(parts, dim=1))  # (B, N, D)
         ones = mask.new_ones
-        n_pre = seq.shape[1] - n - self.dims.chunk - 1
-        attn = torch.cat([ones(b, n_pre), mask[:, :n], ones(b, self.dims.chunk + 1)], dim=1)  # (B, N)
+        n_pre = seq.shape[1] - ids.shape[1] - self.dims.chunk - 1
+        attn = torch.cat([ones(b, n_pre), mask, ones(b, self.dims.chunk + 1)], dim=1)  # (B, N)
         return seq, attn
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -30,6 +30,8 @@ class Preset:
         language: transformers config dict with ``model_type`` (native only).
         vlm: transformers config dict with ``model_type`` of a vision-language model (vlm only).
         channels_last: run the CNN in channels-last memory format (~1.5x faster on CPU here).
+        keypoints: spatial-softmax keypoints of the last CNN map, added as one token per image.
+        film: FiLM-condition every CNN stage on the instruction (native only).
         description: one line for listings.
     """
 
@@ -41,6 +43,8 @@ class Preset:
     language: dict[str, Any] = field(default_factory=dict)
     vlm: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True
+    keypoints: int = 0
+    film: bool = False
     description: str = ""
 
 

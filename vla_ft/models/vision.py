@@ -48,11 +48,43 @@ def create_timm(name: str, kwargs: dict[str, Any], pretrained_path: str | None) 
     return timm.create_model(name, num_classes=0, global_pool="", **kwargs, **extra)
 
 
-class TimmVisionEncoder(nn.Module):
-    """Images -> tokens with a timm backbone.
+class SpatialSoftmax(nn.Module):
+    """Feature map -> K soft keypoints (expected x, y under a per-channel softmax) -> one token.
 
-    CNN feature maps (N, C, h, w) are average-pooled to ``pool_grid x pool_grid`` tokens; ViT
-    outputs (N, P, C) keep their patch tokens (prefix/class tokens dropped).
+    A 1x1 conv makes K heat maps; each is a softmax over the h*w cells (learned temperature) whose
+    expected image coordinates in [-1, 1] are the keypoint. The 2K coordinates are projected to one
+    ``out_dim`` token, so object positions reach the policy as numbers, not as pooled texture.
+    """
+
+    def __init__(self, channels: int, keypoints: int, out_dim: int) -> None:
+        super().__init__()
+        self.heatmaps = nn.Conv2d(channels, keypoints, kernel_size=1)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+        self.out = nn.Linear(2 * keypoints, out_dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, 1, out_dim)."""
+        n, _, h, w = feats.shape
+        logits = self.heatmaps(feats).flatten(2) / self.log_temperature.exp()  # (N, K, h*w)
+        ys = torch.linspace(-1.0, 1.0, h, device=feats.device, dtype=logits.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=feats.device, dtype=logits.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (h*w, 2)
+        points = logits.softmax(-1) @ grid  # (N, K, 2)
+        return self.out(points.reshape(n, -1))[:, None]
+
+
+class TimmVisionEncoder(nn.Module):
+    """Images -> tokens with a timm backbone, optionally conditioned on the instruction.
+
+    CNN feature maps (N, C, h, w) are average-pooled to ``pool_grid x pool_grid`` tokens (plus one
+    spatial-softmax keypoint token when ``keypoints > 0``); ViT outputs (N, P, C) keep their patch
+    tokens (prefix/class tokens dropped).
+
+    With ``film_dim > 0`` every CNN stage output is modulated by the instruction (FiLM,
+    ``x * (1 + gamma) + beta`` per channel, gamma/beta linear in a ``film_dim`` text embedding and
+    zero-initialized, so an untrained FiLM is the identity). The CNN then extracts what the
+    instruction names ("the red cube") before pooling, instead of pooling every object together
+    and leaving the language model to untangle them (docs/models.md).
 
     Args:
         name: timm model name.
@@ -60,6 +92,8 @@ class TimmVisionEncoder(nn.Module):
         pool_grid: token grid side for CNN feature maps.
         pretrained_path: local weights for the encoder, or None for random init.
         channels_last: use channels-last memory format for CNNs.
+        keypoints: spatial-softmax keypoints of the last feature map (0: none).
+        film_dim: width of the conditioning vector for FiLM (0: no FiLM).
     """
 
     def __init__(
@@ -69,6 +103,8 @@ class TimmVisionEncoder(nn.Module):
         pool_grid: int = 2,
         pretrained_path: str | None = None,
         channels_last: bool = True,
+        keypoints: int = 0,
+        film_dim: int = 0,
     ) -> None:
         super().__init__()
         self.model = create_timm(name, dict(kwargs or {}), pretrained_path)
@@ -85,26 +121,50 @@ class TimmVisionEncoder(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.keypoints = SpatialSoftmax(self.out_dim, keypoints, self.out_dim) if keypoints > 0 else None
+        self.film: nn.ModuleList | None = None
+        self._film_stages: list[str] = []
+        if film_dim > 0:
+            stages = _film_stages(self.model, name)
+            self._film_stages = [stage for stage, _ in stages]
+            self.film = nn.ModuleList(nn.Linear(film_dim, 2 * c) for _, c in stages)
+            for layer, (stage, _) in zip(self.film, stages, strict=True):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+                self.model.get_submodule(stage).register_forward_hook(_apply_film)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Encode images.
 
         Args:
             images: float (N, 3, H, W) in [0, 1].
+            cond: float (N, film_dim) conditioning vectors; required when FiLM is on.
 
         Returns:
             float (N, P, C) tokens.
         """
+        if self.film is not None:
+            if cond is None:
+                raise ValueError("this vision encoder is FiLM-conditioned: pass cond (N, film_dim)")
+            for stage, layer in zip(self._film_stages, self.film, strict=True):
+                # read by _apply_film; kept on the stage module itself so copies (EMA) use their own
+                self.model.get_submodule(stage).vla_film = layer(cond.to(images.dtype)).chunk(2, dim=-1)
         x = (images - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(x)
         if feats.dim() == 4:  # (N, C, h, w) CNN map
-            feats = F.adaptive_avg_pool2d(feats, self.pool_grid)
-            return feats.flatten(2).transpose(1, 2)  # (N, g*g, C)
+            tokens = F.adaptive_avg_pool2d(feats, self.pool_grid).flatten(2).transpose(1, 2)  # (N, g*g, C)
+            if self.keypoints is not None:
+                tokens = torch.cat([tokens, self.keypoints(feats)], dim=1)  # (N, g*g + 1, C)
+            return tokens
         if feats.dim() == 3:  # (N, P, C) transformer tokens
             return feats[:, self.num_prefix :]
         raise ValueError(f"timm model returned features of shape {tuple(feats.shape)}; expected 3 or 4 dims")
+
+    def own_parameter_names(self) -> list[str]:
+        """Parameters outside the timm model (FiLM generators, keypoint head)."""
+        return [n for n, _ in self.named_parameters() if not n.startswith("model.")]
 
     def set_gradient_checkpointing(self, enable: bool) -> None:
         self.model.set_grad_checkpointing(enable)
@@ -125,6 +185,38 @@ class TimmVisionEncoder(nn.Module):
         order = {gid: i for i, gid in enumerate(sorted(set(ids.values())))}
         depth = {n: order[ids[n]] if n in ids else len(order) for n in names}
         return depth, max(depth.values()) + 1
+
+
+def _apply_film(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a FiLM-conditioned CNN stage: ``out * (1 + gamma) + beta`` per channel.
+
+    A plain function (no closure over the encoder), so a deep copy of the model (EMA) hooks its own
+    stage modules. gamma/beta are set by ``TimmVisionEncoder.forward`` and not cleared: activation
+    checkpointing re-runs the stage in backward with the same tensors.
+    """
+    gamma, beta = module.vla_film
+    return out * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+
+def _film_stages(model: nn.Module, name: str) -> list[tuple[str, int]]:
+    """(module name, channels) of every CNN stage after the stem, from timm's ``feature_info``."""
+    info = getattr(model, "feature_info", None)
+    if not info or len(info) < 2:
+        raise ConfigError(
+            f"model.extra.film: timm model {name!r} has no CNN stage list (feature_info); "
+            f"use FiLM with a CNN such as resnet18, or set model.extra.film=false"
+        )
+    entries = [info[i] for i in range(len(info))] if not isinstance(info, list) else info
+    out = []
+    for e in entries[1:]:
+        stage = str(e["module"])
+        module = model.get_submodule(stage)
+        # Hook the stage's last block, not the stage: timm's gradient checkpointing (checkpoint_seq
+        # with flatten=True) calls the blocks of a Sequential stage one by one and never the stage.
+        if isinstance(module, nn.Sequential) and len(module) > 0:
+            stage = f"{stage}.{len(module) - 1}"
+        out.append((stage, int(e["num_chs"])))
+    return out
 
 
 def _block_index(name: str) -> int:

@@ -1,0 +1,145 @@
+"""Instruction-conditioned vision (FiLM) and spatial-softmax keypoint tokens of the native backbone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from model_helpers import make_batch, make_info, simple_loss
+
+from vla_ft import constants as C
+from vla_ft.config import ModelConfig
+from vla_ft.errors import ConfigError
+from vla_ft.models import VLAPolicy, load_vla, param_info
+from vla_ft.models.vision import SpatialSoftmax
+
+FILM = {"film": True, "keypoints": 8}
+
+
+def _policy(extra=FILM, seed=0):
+    torch.manual_seed(seed)
+    return load_vla(ModelConfig(preset="tiny", extra=dict(extra)), make_info())
+
+
+def _randomize_film(policy):
+    with torch.no_grad():
+        for layer in policy.backbone.vision.film:
+            layer.weight.normal_(0, 0.5)
+            layer.bias.normal_(0, 0.5)
+
+
+def _image_tokens(policy, batch, ids):
+    b = dict(batch, **{C.INSTR_IDS: ids})
+    with torch.no_grad():
+        return policy(b)[C.OUT_HIDDEN]
+
+
+def test_film_starts_as_identity_and_then_follows_the_instruction():
+    policy = _policy().eval()
+    batch = make_batch(make_info())
+    other = batch[C.INSTR_IDS].flip(1) * batch[C.INSTR_MASK]
+    x = batch[C.IMAGES].reshape(-1, *batch[C.IMAGES].shape[3:]).float() / 255
+    cond_a = torch.randn(x.shape[0], policy.backbone.hidden_size)
+    vision = policy.backbone.vision
+    # zero-initialized FiLM: the conditioning changes nothing
+    torch.testing.assert_close(vision(x, cond_a), vision(x, torch.randn_like(cond_a)))
+    _randomize_film(policy)
+    assert not torch.allclose(vision(x, cond_a), vision(x, torch.randn_like(cond_a)))
+    # through the policy: the image tokens (first positions) depend on the instruction
+    n_img = vision(x[:1], cond_a[:1]).shape[1] * len(make_info().image_keys)
+    a = _image_tokens(policy, batch, batch[C.INSTR_IDS])[:, :n_img]
+    b = _image_tokens(policy, batch, other)[:, :n_img]
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_film_requires_conditioning():
+    vision = _policy().backbone.vision
+    with pytest.raises(ValueError, match="FiLM"):
+        vision(torch.rand(2, 3, 32, 32))
+
+
+def test_keypoints_are_expected_coordinates():
+    sm = SpatialSoftmax(channels=1, keypoints=1, out_dim=2)
+    with torch.no_grad():
+        sm.heatmaps.weight.fill_(1.0)
+        sm.heatmaps.bias.zero_()
+        sm.log_temperature.fill_(-5.0)  # near-argmax
+        sm.out.weight.copy_(torch.eye(2))
+        sm.out.bias.zero_()
+    feats = torch.zeros(1, 1, 5, 5)
+    feats[0, 0, 1, 4] = 10.0  # row 1 (y = -0.5), column 4 (x = +1)
+    torch.testing.assert_close(sm(feats)[0, 0], torch.tensor([1.0, -0.5]), atol=1e-3, rtol=0)
+
+
+def test_keypoint_token_is_added_per_image():
+    plain = _policy({})
+    kp = _policy({"keypoints": 4})
+    x = torch.rand(2, 3, 32, 32)
+    assert kp.backbone.vision(x).shape[1] == plain.backbone.vision(x).shape[1] + 1
+
+
+def test_deep_copy_uses_its_own_film_weights():
+    """EMA keeps a deep copy: its hooks must read the copy's gamma/beta, not the live model's."""
+    policy = _policy()
+    _randomize_film(policy)
+    policy.eval()
+    batch = make_batch(make_info())
+    ref = _image_tokens(policy, batch, batch[C.INSTR_IDS])
+    clone = copy.deepcopy(policy)
+    with torch.no_grad():
+        for layer in clone.backbone.vision.film:
+            layer.weight.mul_(-1.0)
+    changed = _image_tokens(clone, batch, batch[C.INSTR_IDS])
+    assert (changed - ref).abs().max() > 1e-3
+    # the live model, run after the copy, is unaffected by the copy's forward
+    torch.testing.assert_close(_image_tokens(policy, batch, batch[C.INSTR_IDS]), ref)
+    torch.testing.assert_close(_image_tokens(clone, batch, batch[C.INSTR_IDS]), changed)
+
+
+def test_film_parameters_have_metadata_and_train():
+    policy = _policy()
+    info = param_info(policy)
+    own = [n for n in info if ".film." in n or ".keypoints." in n]
+    assert own and all(info[n].module == "vision" for n in own)
+    batch = make_batch(make_info())
+    simple_loss(policy(batch), batch).backward()
+    for layer in policy.backbone.vision.film:
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_with_film_same_gradients():
+    policy = _policy()
+    _randomize_film(policy)
+    batch = make_batch(make_info())
+    simple_loss(policy(batch), batch).backward()
+    ref = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+    policy.set_gradient_checkpointing(True)
+    simple_loss(policy(batch), batch).backward()
+    for n, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    policy = _policy()
+    _randomize_film(policy)
+    policy.eval()
+    policy.save_pretrained(tmp_path / "ckpt")
+    loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.arch["film"] and loaded.arch["keypoints"] == 8
+    batch = make_batch(make_info())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)[C.OUT_ACTION], policy(batch)[C.OUT_ACTION])
+
+
+def test_film_needs_a_cnn_with_stages():
+    with pytest.raises(ConfigError, match="model.extra.film"):
+        load_vla(
+            ModelConfig(
+                preset="tiny",
+                vision="vit_tiny_patch16_224",
+                extra={"film": True, "vision_kwargs": {"img_size": 32, "depth": 1}},
+            ),
+            make_info(),
+        )
