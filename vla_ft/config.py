@@ -168,6 +168,55 @@ class EnvConfig:
             _check(bool(self.gym_id), "env.gym_id", self.gym_id, "set the gymnasium id for env.type=gym")
 
 
+LORA_TARGETS = ("language", "projector", "vision")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (through peft) instead of full-parameter fine-tuning; ``r: 0`` is off.
+
+    With ``r > 0`` the backbone is frozen and LoRA adapters are injected into the Linear and Conv2d
+    layers of the backbone modules named in ``target``; everything outside the backbone (action and
+    task heads, action queries, readout, state projection, view embeddings) stays fully trainable.
+    Checkpoints hold the merged weights (our format); see vla_ft/models/lora.py.
+    """
+
+    r: int = 0  # adapter rank; 0 = off (full fine-tuning)
+    alpha: float | None = None  # LoRA scaling is alpha / r; null: 2 * r (a scale of 2 at every rank)
+    dropout: float = 0.0  # dropout on the adapter input
+    target: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # backbone modules adapted
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "model.lora.r", self.r, "use 0 (off: full fine-tuning) or a rank >= 1, e.g. 8")
+        if self.alpha is not None:
+            _check(self.alpha > 0, "model.lora.alpha", self.alpha, "use a positive alpha, or null for 2 * r")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", self.dropout, "use a value in [0, 1)")
+        _check(
+            len(self.target) > 0,
+            "model.lora.target",
+            self.target,
+            f"name at least one backbone module from: {', '.join(LORA_TARGETS)}",
+        )
+        for name in self.target:
+            _check(
+                name in LORA_TARGETS,
+                "model.lora.target",
+                name,
+                f"use module names from: {', '.join(LORA_TARGETS)}",
+            )
+        _check(
+            len(set(self.target)) == len(self.target),
+            "model.lora.target",
+            self.target,
+            "name each module once",
+        )
+
+    @property
+    def scale_alpha(self) -> float:
+        """The alpha given to peft (``alpha`` or ``2 * r``)."""
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.r
+
+
 @dataclass
 class ModelConfig:
     """Which VLA to build or load.
@@ -198,8 +247,11 @@ class ModelConfig:
     trust_remote_code: bool = False
     freeze: list[str] = field(default_factory=list)  # module names to freeze (full FT: empty)
     extra: dict[str, Any] = field(default_factory=dict)  # preset-specific knobs
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: LoRA instead of full fine-tuning
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # ModelConfig(**json) when a checkpoint's config.json is read
+            self.lora = LoraConfig(**self.lora)
         _check(self.n_bins >= 2, "model.n_bins", self.n_bins, "use 2 or more bins")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a value in [0, 1)")
         _check(self.bin_range > 0, "model.bin_range", self.bin_range, "use a positive range, e.g. 1.0")
@@ -226,6 +278,12 @@ class ModelConfig:
                 "model.freeze",
                 name,
                 "use module names from: vision, language, projector, heads",
+            )
+        if self.lora.r > 0 and self.freeze:
+            raise ConfigError(
+                f"model.freeze={self.freeze} cannot be combined with model.lora.r={self.lora.r}: LoRA "
+                f"already freezes the backbone (choose adapted modules with model.lora.target); "
+                f"set model.freeze=[]"
             )
 
 

@@ -2,13 +2,18 @@
 
 Collect demos if missing (when ``data.collect_if_missing``), build the datasets with the model's
 tokenizer, load the pretrained VLA (or build a preset), fine-tune every parameter, evaluate the best
-checkpoint in simulation and write the run directory (config, checkpoints, metrics, plots, report).
+checkpoint in simulation and write the run directory (config, checkpoints, metrics, plots, report,
+and ``summary.json``: parameter counts, train/eval wall time, peak memory, val loss, success rate).
+With ``model.lora.r > 0`` LoRA adapters replace full-parameter training (vla_ft/models/lora.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,8 @@ from vla_ft.errors import ConfigError, DataError
 from vla_ft.train import checkpoint as ckpt_io
 from vla_ft.train.loop import FitResult, fit
 from vla_ft.train.step import resolve_device, resolve_precision
+
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -40,6 +47,11 @@ def check_config(cfg: Config) -> None:
         )
     if tc.patience is not None and tc.best_metric == "val_loss" and not tc.val_every:
         raise ConfigError("train.patience with train.best_metric=val_loss needs train.val_every > 0")
+    if cfg.model.lora.r and tc.unfreeze_steps:
+        raise ConfigError(
+            f"train.unfreeze_steps={tc.unfreeze_steps} with model.lora.r={cfg.model.lora.r}: LoRA trains "
+            f"adapters on a frozen backbone, progressive unfreezing would unfreeze it; set train.unfreeze_steps=0"
+        )
     if tc.parallel != "none":
         raise ConfigError(
             f"train.parallel={tc.parallel} is not available in this version (torchrun DDP/FSDP2 is planned): "
@@ -121,11 +133,31 @@ def eval_metrics(result) -> dict[str, float]:
     }
 
 
+def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
+    """Peak resident memory of this process and, on CUDA, torch's peak allocated memory (MiB)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": rss_mb, "cuda_peak_allocated_mb": cuda}
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    """Write ``summary.json`` (what a finished run measured) atomically into the run directory."""
+    out = run_dir / SUMMARY_FILE
+    tmp = out.with_name(f".{SUMMARY_FILE}.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
 def run_finetune(cfg: Config) -> FinetuneResult:
     """Run the whole job (see module docstring). Returns the run directory and results."""
     from vla_ft.data.augment import Augmenter
     from vla_ft.data.dataset import build_datasets
-    from vla_ft.models import load_tokenizer, load_vla, param_info
+    from vla_ft.models import count_parameters, load_tokenizer, load_vla, param_info
+    from vla_ft.models.lora import apply_lora
 
     t_start = time.perf_counter()
     check_config(cfg)
@@ -145,6 +177,8 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     policy = load_vla(model_cfg, info)
     if resume_ckpt is None:
         policy.set_normalizer(info.normalizer)
+    policy = apply_lora(policy, cfg.model.lora, resume=resume_ckpt)  # r=0 (full FT): unchanged
+    trainable, total = count_parameters(policy)
     policy.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     policy.to(device)
     save_config(cfg, run_dir)
@@ -169,6 +203,7 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     }
     if hasattr(policy, "bin_range"):
         loss_kwargs["bin_low"], loss_kwargs["bin_high"] = policy.bin_range
+    t_fit = time.perf_counter()
     result = fit(
         cfg,
         policy,
@@ -184,6 +219,8 @@ def run_finetune(cfg: Config) -> FinetuneResult:
         sample_weights=train_ds.sample_weights(),
         loss_kwargs=loss_kwargs,
     )
+    train_s = time.perf_counter() - t_fit
+    t_eval = time.perf_counter()
     final = None
     if cfg.eval.episodes > 0:
         from vla_ft.eval.run import summary
@@ -195,9 +232,29 @@ def run_finetune(cfg: Config) -> FinetuneResult:
             cfg, run_dir, best, result.step, ckpt=best_dir, name=f"final_{best_dir.name}"
         )
         final = eval_metrics(evaluation)
+        final["successes"] = evaluation.report["overall"]["successes"]
+        final["checkpoint"] = best_dir.name
         print(f"[vla-ft] final evaluation of {best_dir.name} on {cfg.env.task}:\n{summary(evaluation)}")
+    eval_s = time.perf_counter() - t_eval
     if cfg.log.plots:
         from vla_ft.train.logging import write_plots
 
         write_plots(run_dir)
-    return FinetuneResult(run_dir, result, final, time.perf_counter() - t_start)
+    wall_s = time.perf_counter() - t_start
+    vals = [h["val_loss"] for h in result.history if "val_loss" in h]
+    write_summary(
+        run_dir,
+        {
+            "steps": result.step,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "precision": precision,
+            "params": {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total},
+            "lora": dataclasses.asdict(cfg.model.lora) if cfg.model.lora.r else None,
+            "timing": {"train_s": train_s, "eval_s": eval_s, "total_s": wall_s},
+            "memory": peak_memory_mb(device),
+            "val_loss": {"final": vals[-1] if vals else None, "best": min(vals) if vals else None},
+            "eval": final,
+        },
+    )
+    return FinetuneResult(run_dir, result, final, wall_s)
