@@ -1,4 +1,4 @@
-"""Command-line entry points: ``vla-ft finetune|evaluate|collect|pretrain --cfg NAME [key=value ...]``.
+"""Command-line entry points: ``vla-ft finetune|evaluate|collect|pretrain|compare --cfg NAME [key=value ...]``.
 
 The scripts in scripts/ call :func:`main` with their sub-command. This module only parses arguments,
 loads the config and calls the library; user errors (:class:`VLAFTError`) print one line to stderr
@@ -82,10 +82,39 @@ def _collect(argv: Sequence[str]) -> int:
     return 0
 
 
+def _compare(argv: Sequence[str]) -> int:
+    from vla_ft.compare import DEFAULT_ROWS, ROW_NAMES_HELP
+
+    p = _parser(
+        "compare",
+        "Full fine-tuning vs LoRA vs from scratch (and a task-loss ablation) on one task, each row the "
+        "normal job in its own subprocess; writes comparison.md/.json/.png. Exit 1 if a row failed.",
+    )
+    p.add_argument(
+        "--out", help="output directory, new or empty (default: <train.out_dir>/compare-<name>-<time>)"
+    )
+    p.add_argument(
+        "--rows",
+        default=",".join(DEFAULT_ROWS),
+        help=f"comma-separated rows (default: %(default)s); names: {ROW_NAMES_HELP}",
+    )
+    p.add_argument("--steps", type=int, help="train.steps for every training row (default: the config's)")
+    p.add_argument("--episodes", type=int, help="eval.episodes for every row (default: the config's)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.cfg, args.overrides)
+    from vla_ft.compare import run_compare
+
+    rows = args.rows.split(",")
+    return run_compare(
+        cfg, args.out, rows, args.steps, args.episodes, argv=["python", "scripts/compare.py", *argv]
+    )
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "finetune": _finetune,
     "evaluate": _evaluate,
     "collect": _collect,
+    "compare": _compare,
     "pretrain": _pretrain,
 }
 

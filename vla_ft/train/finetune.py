@@ -133,14 +133,33 @@ def eval_metrics(result) -> dict[str, float]:
     }
 
 
-def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
-    """Peak resident memory of this process and, on CUDA, torch's peak allocated memory (MiB)."""
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """Peak resident memory (MiB) of a process since it started its program, or None if unknown.
+
+    Linux: ``VmHWM`` from ``/proc/<pid>/status`` (the high-water mark of the process's own memory).
+    Not ``getrusage().ru_maxrss``: that keeps the RSS the process had before ``exec``, i.e. a large
+    parent's (a job started by scripts/compare.py would report the comparison process's memory).
+    Elsewhere, for this process: ``ru_maxrss``.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+        return None  # an exited process (zombie) has no memory lines
+    except OSError:
+        if pid != "self":
+            return None
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
+    """Peak resident memory of this process and, on CUDA, torch's peak allocated memory (MiB)."""
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"peak_rss_mb": rss_mb, "cuda_peak_allocated_mb": cuda}
+    return {"peak_rss_mb": peak_rss_mb(), "cuda_peak_allocated_mb": cuda}
 
 
 def write_summary(run_dir: Path, summary: dict) -> Path:

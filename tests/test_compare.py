@@ -1,0 +1,237 @@
+"""scripts/compare.py: rows, per-row configs, failure reporting, and one end-to-end run on a tiny budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vla_ft.compare import parse_row, parse_rows, row_config, run_child, run_compare, shared_config
+from vla_ft.config import load_config
+from vla_ft.errors import ConfigError
+from vla_ft.eval.scoring import wilson_interval
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _synthetic_info():
+    """bench_model's synthetic two-camera, 4-dim-action task dims (the pick_place data's)."""
+    spec = importlib.util.spec_from_file_location("bench_model", REPO / "scripts" / "bench_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.synthetic_info(64, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny base policy with the pick_place dims, saved in our format (random weights)."""
+    import torch
+
+    from vla_ft.config import ModelConfig
+    from vla_ft.models import load_vla
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base") / "tiny_base"
+    load_vla(ModelConfig(preset="tiny", extra={"pool_grid": 2}), _synthetic_info()).save_pretrained(path)
+    return path
+
+
+def _overrides(tmp: Path, base: Path | None, demos: Path, **extra) -> list[str]:
+    values = {
+        "model.pretrained": str(base) if base else "null",
+        "data.paths": f"[{demos}]",
+        "collect.output": str(demos),
+        "collect.episodes": 6,
+        "collect.workers": 1,
+        "train.batch_size": 8,
+        "train.val_every": 2,
+        "train.save_every": 4,
+        "train.threads": 1,
+        "eval.workers": 1,
+        "eval.num_envs": 2,
+        "eval.max_steps": 15,
+        "log.wandb": "disabled",
+        "log.plots": "false",
+        "train.out_dir": str(tmp / "runs"),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_row_names_parse_to_their_changes():
+    assert parse_row("lora_r16").changes == {"model.lora.r": 16}
+    assert parse_row("full_w_task_0.5").changes == {"model.lora.r": 0, "loss.w_task": 0.5}
+    assert parse_row("scratch").changes["model.pretrained"] is None and not parse_row("scratch").needs_base
+    assert parse_row("base").kind == "eval" and parse_row("full").kind == "train"
+    with pytest.raises(ConfigError, match="unknown row 'lora_r0'; use names from: base, full, scratch"):
+        parse_row("lora_r0")
+    with pytest.raises(ConfigError, match="unknown row 'lora'"):
+        parse_row("lora")
+    with pytest.raises(ConfigError, match="full given more than once"):
+        parse_rows(["full", "base", "full"])
+
+
+def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
+    cfg = load_config("pick_place.yaml", _overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
+    shared = shared_config(cfg, tmp_path / "out", steps=30, episodes=5)
+    rows = {name: row_config(shared, parse_row(name), tmp_path / "out", tiny_base) for name in
+            ("base", "lora_r8", "full", "scratch", "full_w_task_0")}  # fmt: skip
+    for name, values in rows.items():
+        assert values["data"]["paths"] == [str((tmp_path / "d.hdf5").resolve())]
+        assert values["data"]["collect_if_missing"] is False
+        assert values["train"]["steps"] == 30 and values["eval"]["episodes"] == 5
+        assert values["eval"]["seed"] == cfg.eval.seed and values["train"]["run_name"] == name
+        assert values["train"]["warmup_steps"] == 3  # 100 > 30 steps: a tenth, said on stdout
+    assert rows["lora_r8"]["model"]["lora"]["r"] == 8 and rows["full"]["model"]["lora"]["r"] == 0
+    assert rows["full_w_task_0"]["loss"]["w_task"] == 0.0
+    assert rows["full"]["model"]["pretrained"] == str(tiny_base)
+    assert rows["base"]["eval"]["out_dir"] == str(tmp_path / "out" / "runs" / "base" / "eval")
+    # scratch: no weights, the base's architecture (its preset and knobs, not the config's)
+    saved = json.loads((tiny_base / "config.json").read_text())["model"]
+    assert rows["scratch"]["model"]["pretrained"] is None
+    assert rows["scratch"]["model"]["extra"] == saved["extra"] == {"pool_grid": 2}
+    assert rows["scratch"]["model"]["preset"] == saved["preset"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"steps": 0}, "--steps 0: use 1 or more"),
+        ({"episodes": 0}, "--episodes 0: use 1 or more"),
+        ({"rows": ["base", "lora"]}, "unknown row 'lora'"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_runs(tmp_path, tiny_base, kwargs, pattern):
+    cfg = load_config("pick_place.yaml", _overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
+    with pytest.raises(ConfigError, match=pattern):
+        run_compare(cfg, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "d.hdf5").exists() and not (tmp_path / "out" / "comparison.json").exists()
+
+
+def test_base_must_be_a_local_checkpoint_and_out_dir_new(tmp_path, tiny_base):
+    cfg = load_config("pick_place.yaml", _overrides(tmp_path, tmp_path / "nope", tmp_path / "d.hdf5"))
+    with pytest.raises(ConfigError, match="is not a local checkpoint directory"):
+        run_compare(cfg, tmp_path / "out")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.txt").write_text("x")
+    cfg = load_config("pick_place.yaml", _overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
+    with pytest.raises(ConfigError, match="is not empty: give a new directory"):
+        run_compare(cfg, tmp_path / "used")
+
+
+def test_without_a_base_the_base_rows_are_reported_na_not_faked(tmp_path, capsys):
+    cfg = load_config("pick_place.yaml", _overrides(tmp_path, None, tmp_path / "d.hdf5"))
+    code = run_compare(cfg, tmp_path / "out", rows=["base", "lora_r8", "full", "full_w_task_0.5"])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [r["status"] for r in report["rows"]] == ["n/a"] * 4 and report["base"] is None
+    assert all(r["success_rate"] is None and r["trainable"] is None for r in report["rows"])
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert md.count("n/a (no base)") == 4 * 6 and "none (model.pretrained is null)" in md
+    assert (tmp_path / "out" / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "d.hdf5").exists()  # nothing to run: no collection either
+
+
+def test_run_child_reports_each_childs_own_peak_memory(tmp_path):
+    big = [sys.executable, "-c", "import time; b = bytearray(300 * 2**20); del b; time.sleep(0.5)"]
+    small = [sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"]
+    ballast = bytearray(400 * 2**20)  # this process is large when it spawns both children
+    code, wall, rss_big = run_child(big, tmp_path / "big.log")
+    assert code == 0 and wall >= 0.5 and 300 < rss_big < 390  # the peak, though freed before exit
+    code, _, rss_small = run_child(small, tmp_path / "small.log")
+    assert code == 3 and rss_small < 100  # the child's own, not a running maximum nor the parent's
+    del ballast
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> Path:
+    """Six scripted pick_place demos at 64 px, collected once for the runs below."""
+    from vla_ft.data.collect import run_collect
+
+    path = tmp_path_factory.mktemp("demos") / "pick_place.hdf5"
+    tmp = path.parent
+    run_collect(load_config("pick_place.yaml", _overrides(tmp, None, path)))
+    return path
+
+
+@pytest.mark.slow
+def test_a_crashing_row_is_reported_failed_and_the_exit_status_is_nonzero(tmp_path, tiny_base, demos):
+    broken = tmp_path / "broken_base"
+    broken.mkdir()
+    for f in tiny_base.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    cmd = [sys.executable, str(REPO / "scripts" / "compare.py"), "--cfg", "pick_place.yaml",
+           *_overrides(tmp_path, broken, demos), "--out", str(tmp_path / "out"), "--rows", "base",
+           "--episodes", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 row(s) failed: base" in proc.stderr
+    report = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    (row,) = report["rows"]
+    assert row["status"] == "failed" and row["exit_code"] != 0 and report["failed"] == ["base"]
+    assert row["error"] and Path(row["log"]).is_file() and row["success_rate"] is None
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "FAILED (exit" in md and row["error"].replace("|", "/") in md
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_on_a_tiny_budget(tmp_path, tiny_base, demos):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "scripts" / "compare.py"), "--cfg", "pick_place.yaml",
+           *_overrides(tmp_path, tiny_base, demos), "--out", str(out),
+           "--rows", "base,lora_r8,full,full_w_task_0.1", "--steps", "4", "--episodes", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "comparison.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["base", "lora_r8", "full", "full_w_task_0.1"]
+    assert all(r["status"] == "ok" for r in rows.values()) and report["failed"] == []
+    assert report["budget"]["train.steps"] == 4 and report["budget"]["eval.episodes"] == 2
+
+    from vla_ft.models import VLAPolicy, count_parameters
+
+    full, lora, base = rows["full"], rows["lora_r8"], rows["base"]
+    # trainable counts match the models; LoRA trains a smaller share than full fine-tuning
+    model_total = count_parameters(VLAPolicy.from_pretrained(out / "runs" / "full" / "last"))[1]
+    assert full["trainable"] == full["total"] == model_total and full["trainable_pct"] == 100.0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "runs" / "lora_r8" / "last" / "lora" / "unmerged.safetensors"), "pt") as f:
+        adapters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".lora_" in k)
+    assert lora["total"] == model_total + adapters
+    assert 0 < lora["trainable"] < full["trainable"] and lora["trainable_pct"] < full["trainable_pct"]
+    assert lora["trainable_pct"] == pytest.approx(100.0 * lora["trainable"] / lora["total"])
+    assert base["trainable"] == 0 and base["train_s"] is None and base["val_loss"] is None
+    # the ablation row with the config's own w_task (0.1) is the full run, not a second training
+    assert rows["full_w_task_0.1"]["same_as"] == "full"
+    assert rows["full_w_task_0.1"]["success_rate"] == full["success_rate"]
+    assert not (out / "runs" / "full_w_task_0.1").exists()
+
+    seeds = None
+    for name, r in rows.items():
+        assert r["episodes"] == 2 and r["successes"] == round(r["success_rate"] * 2)
+        lo, hi = r["ci95"]
+        assert lo <= r["success_rate"] <= hi and (lo, hi) == pytest.approx(wilson_interval(r["successes"], 2))
+        assert r["eval_s"] > 0 and r["wall_s"] >= r["eval_s"] and r["peak_rss_mb"] > 100
+        if name != "base":
+            assert r["steps"] == 4 and r["train_s"] > 0 and r["val_loss"] > 0
+            assert yaml.safe_load(Path(r["config"]).read_text())["train"]["steps"] == 4
+        run = Path(r["run_dir"])
+        ev = run / "eval" / "eval.json" if name == "base" else next((run / "eval").glob("final_*/eval.json"))
+        row_seeds = [e["seed"] for e in json.loads(ev.read_text())["episodes"]]
+        assert seeds is None or row_seeds == seeds  # the same held-out episodes for every row
+        seeds = row_seeds
+
+    md = (out / "comparison.md").read_text()
+    for name in rows:
+        assert f"| `{name}` |" in md
+    assert "(same run as `full`)" in md and "95% Wilson" in md
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob(".*.tmp"))  # every output written atomically
