@@ -190,9 +190,10 @@ def row_config(shared: dict[str, Any], row: Row, out: Path, base: Path | None) -
     values["data"]["collect_if_missing"] = False  # collected once, up front
     values["train"]["run_name"] = row.name
     values["model"]["pretrained"] = str(base) if base is not None else None
-    if row.name == "scratch" and base is not None:
-        for key, value in _base_arch(base).items():
+    if row.name == "scratch":
+        for key, value in (_base_arch(base) if base is not None else {}).items():
             _set(values, key, value)
+        values["model"]["vision_pretrained"] = None  # no component weights either
     if row.kind == "eval":
         values["eval"]["out_dir"] = str(out / "runs" / row.name / "eval")
     for key, value in row.changes.items():
@@ -328,10 +329,8 @@ def _check_scratch_arch(results: list[RowResult]) -> None:
     by_name = {r.name: r for r in results if r.status == "ok"}
     scratch, full = by_name.get("scratch"), by_name.get("full")
     if scratch and full and scratch.total != full.total:
-        scratch.note = (
-            f"architecture differs from the base's: {scratch.total:,} vs {full.total:,} parameters "
-            f"(full fine-tuning)"
-        )
+        note = f"architecture differs from the base's: {scratch.total:,} vs {full.total:,} parameters (full)"
+        scratch.note = f"{scratch.note}; {note}" if scratch.note else note
 
 
 def _machine() -> dict[str, Any]:
@@ -383,6 +382,9 @@ def _run_rows(
         cfg_file = write_atomic(out / "configs" / f"{row.name}.yaml", yaml.safe_dump(values, sort_keys=False))
         print(f"{head}\n[compare]   {_display(row_command(row, cfg_file, base))}", flush=True)
         res = run_row(row, cfg_file, out, base)
+        component = values["model"]["language"] or values["model"]["vlm"]
+        if row.name == "scratch" and isinstance(component, str):
+            res.note = f"the language model comes from {component!r} (pretrained weights), not random init"
         results.append(res)
         print(f"[compare]   {_fmt_result(res)}", flush=True)
     _check_scratch_arch(results)
@@ -448,10 +450,10 @@ def run_compare(
         (row, None if row.needs_base and base is None else row_config(shared, row, out, base))
         for row in row_list
     ]
-    (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
     if any(values is not None for _, values in plans):
         ensure_data(config_from_dict(shared))  # collect once (if missing and allowed), before any row
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
     results = _run_rows(plans, out, base)
 
     report = build_report(results, shared, base, argv)
