@@ -353,7 +353,10 @@ class TrainConfig:
     patience: int | None = None  # early stopping: evaluations without improvement
     resume: str | None = None  # "auto" (latest in the run dir) or a checkpoint path
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    parallel: Literal["none", "ddp", "fsdp"] = "none"  # ddp/fsdp: launch with torchrun (docs/scale.md)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: torchao 8-bit state (extra `lowmem`)
+    optimizer_in_backward: bool = False  # step each parameter in backward and free its grad at once
+    cpu_offload: bool = False  # fsdp: params, grads and optimizer state on CPU (FSDP2 CPUOffloadPolicy)
     deterministic: bool = False
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
     out_dir: str = "runs"
@@ -412,6 +415,43 @@ class TrainConfig:
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", self.max_bad_steps, "use 1 or more")
         if self.threads is not None:
             _check(self.threads >= 1, "train.threads", self.threads, "use 1 or more")
+        self._check_scale_options()
+
+    def _check_scale_options(self) -> None:
+        """Combinations the distributed / memory-saving paths do not support (docs/scale.md)."""
+        if self.optimizer_in_backward:
+            for key, ok, fix in (
+                ("train.grad_accum", self.grad_accum == 1, "set train.grad_accum=1"),
+                ("train.grad_clip", self.grad_clip == 0, "set train.grad_clip=0 (needs the global norm)"),
+                ("train.parallel", self.parallel == "none", "set train.parallel=none"),
+                ("train.optimizer", self.optimizer == "adamw", "use train.optimizer=adamw"),
+            ):
+                if not ok:
+                    raise ConfigError(
+                        f"train.optimizer_in_backward=true does not work with {key}={getattr(self, key[6:])!r}: "
+                        f"{fix}, or turn train.optimizer_in_backward off"
+                    )
+        _check(
+            not self.cpu_offload or self.parallel == "fsdp",
+            "train.cpu_offload",
+            self.cpu_offload,
+            "CPU offload is FSDP2's: set train.parallel=fsdp (works with one process too)",
+        )
+        if self.parallel != "none":
+            _check(
+                self.unfreeze_steps == 0,
+                "train.unfreeze_steps",
+                self.unfreeze_steps,
+                f"progressive unfreezing is not supported with train.parallel={self.parallel}: use 0",
+            )
+        if self.parallel == "fsdp":
+            _check(
+                self.ema is None,
+                "train.ema",
+                self.ema,
+                "EMA is not supported with train.parallel=fsdp (it would hold a full copy per rank): "
+                "use null, or train.parallel=ddp",
+            )
 
     @property
     def peak_lr(self) -> float:

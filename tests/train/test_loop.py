@@ -213,7 +213,7 @@ def test_nan_loss_is_skipped_then_stops_with_last_good_state(tiny_cfg):
     "override, pattern",
     [
         ({"train.best_metric": "success_rate"}, "train.eval_every > 0"),
-        ({"train.parallel": "ddp"}, "parallel=none"),
+        ({"train.parallel": "fsdp", "model.lora.r": 4}, "lora.r=4 with train.parallel=fsdp"),
         ({"data.collect_if_missing": "true", "collect.output": "other.hdf5"}, "same file"),
     ],
 )

@@ -24,8 +24,10 @@ import torch
 from vla_ft.config import REPO_ROOT, Config, save_config
 from vla_ft.errors import ConfigError, DataError
 from vla_ft.train import checkpoint as ckpt_io
+from vla_ft.train.distributed import DistContext, micro_batch_size, setup_distributed
 from vla_ft.train.loop import FitResult, fit
-from vla_ft.train.step import resolve_device, resolve_precision
+from vla_ft.train.memory import warn_if_out_of_memory
+from vla_ft.train.step import resolve_precision
 
 SUMMARY_FILE = "summary.json"
 
@@ -52,10 +54,10 @@ def check_config(cfg: Config) -> None:
             f"train.unfreeze_steps={tc.unfreeze_steps} with model.lora.r={cfg.model.lora.r}: LoRA trains "
             f"adapters on a frozen backbone, progressive unfreezing would unfreeze it; set train.unfreeze_steps=0"
         )
-    if tc.parallel != "none":
+    if tc.parallel == "fsdp" and cfg.model.lora.r:
         raise ConfigError(
-            f"train.parallel={tc.parallel} is not available in this version (torchrun DDP/FSDP2 is planned): "
-            f"use train.parallel=none"
+            f"model.lora.r={cfg.model.lora.r} with train.parallel=fsdp is not supported (LoRA checkpoints merge "
+            f"a full copy of the policy): use train.parallel=ddp, or model.lora.r=0"
         )
     if cfg.data.collect_if_missing and Path(cfg.collect.output) != Path(cfg.data.paths[0]):
         raise ConfigError(
@@ -172,20 +174,34 @@ def write_summary(run_dir: Path, summary: dict) -> Path:
 
 
 def run_finetune(cfg: Config) -> FinetuneResult:
-    """Run the whole job (see module docstring). Returns the run directory and results."""
+    """Run the whole job (see module docstring). Returns the run directory and results.
+
+    Under torchrun (``train.parallel=ddp|fsdp``) every rank runs this; rank 0 alone writes the
+    config, logs, evaluates, plots and writes the summary (the other ranks return ``eval=None``).
+    """
+    t_start = time.perf_counter()
+    check_config(cfg)
+    ctx = setup_distributed(cfg.train.parallel, cfg.train.device)
+    result = _run(cfg, ctx, t_start)  # on an error the process group is left to the exiting process
+    ctx.close()
+    return result
+
+
+def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
     from vla_ft.data.augment import Augmenter
     from vla_ft.data.dataset import build_datasets
     from vla_ft.models import count_parameters, load_tokenizer, load_vla, param_info
     from vla_ft.models.lora import apply_lora
 
-    t_start = time.perf_counter()
-    check_config(cfg)
+    micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)  # fail before loading
     seed_everything(cfg.seed, cfg.train.deterministic, cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = ctx.device
     precision = resolve_precision(cfg.train.precision, device)
-    run_dir = resolve_run_dir(cfg)
+    run_dir = ctx.broadcast(resolve_run_dir(cfg))  # rank 0's (a timestamped name differs per rank)
     resume_ckpt = ckpt_io.find_resume_checkpoint(cfg.train.resume, run_dir) if cfg.train.resume else None
-    ensure_data(cfg)
+    if ctx.is_main:
+        ensure_data(cfg)
+    ctx.barrier()
 
     source = str(resume_ckpt) if resume_ckpt else resolve_pretrained(cfg.model.pretrained)
     model_cfg = (
@@ -200,13 +216,17 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     trainable, total = count_parameters(policy)
     policy.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     policy.to(device)
-    save_config(cfg, run_dir)
-    print(
-        f"[vla-ft] run dir {run_dir} | device {device} ({precision}) | {info.num_train_demos} train / "
-        f"{info.num_val_demos} val demos, {len(train_ds)} samples"
-    )
+    if ctx.is_main:
+        save_config(cfg, run_dir)
+        parallel = f" | {cfg.train.parallel} x {ctx.world_size}" if ctx.enabled else ""
+        print(
+            f"[vla-ft] run dir {run_dir} | device {device} ({precision}){parallel} | {info.num_train_demos} "
+            f"train / {info.num_val_demos} val demos, {len(train_ds)} samples"
+        )
+        if device.type == "cuda":
+            warn_if_out_of_memory(cfg, policy, info, ctx.world_size, device)
 
-    resume = ckpt_io.load_training_state(resume_ckpt) if resume_ckpt else None
+    resume = ckpt_io.load_training_state(resume_ckpt, ctx.rank) if resume_ckpt else None
     augment = Augmenter(cfg.data.augment) if cfg.data.augment.enabled else None
     evaluate_fn = None
     if cfg.train.eval_every:
@@ -237,8 +257,11 @@ def run_finetune(cfg: Config) -> FinetuneResult:
         resume=resume,
         sample_weights=train_ds.sample_weights(),
         loss_kwargs=loss_kwargs,
+        ctx=ctx,
     )
     train_s = time.perf_counter() - t_fit
+    if not ctx.is_main:  # rank 0 evaluates, plots and writes the summary
+        return FinetuneResult(run_dir, result, None, time.perf_counter() - t_start)
     t_eval = time.perf_counter()
     final = None
     if cfg.eval.episodes > 0:
@@ -268,6 +291,7 @@ def run_finetune(cfg: Config) -> FinetuneResult:
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "precision": precision,
+            "parallel": {"mode": cfg.train.parallel, "world_size": ctx.world_size},
             "params": {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total},
             "lora": dataclasses.asdict(cfg.model.lora) if cfg.model.lora.r else None,
             "timing": {"train_s": train_s, "eval_s": eval_s, "total_s": wall_s},

@@ -100,6 +100,22 @@ class RunLogger:
             self.wandb_run.finish()
 
 
+class NullLogger:
+    """The logger of ranks other than 0 in a distributed run: they log nothing."""
+
+    def __init__(self, wandb_id: str | None = None) -> None:
+        self.wandb_id = wandb_id
+
+    def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        pass
+
+    def progress(self, step: int, postfix: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.adam import adam as adam_fn
 from transformers.optimization import (
     get_constant_schedule_with_warmup,
     get_cosine_with_min_lr_schedule_with_warmup,
@@ -29,6 +30,7 @@ from transformers.optimization import (
 
 from vla_ft import constants as K
 from vla_ft.config import TrainConfig
+from vla_ft.errors import ConfigError
 
 _NO_DECAY_NAME_PARTS = ("bias", "norm", "embed", "pos_emb", "query", "cls_token", "_token")
 
@@ -109,10 +111,93 @@ def build_param_groups(model: nn.Module, info: dict, cfg: TrainConfig) -> list[d
     return out
 
 
-def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (fused on CUDA) over the groups; group metadata keys stay in ``param_groups``."""
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer over the groups (group metadata keys stay in ``param_groups``).
+
+    ``train.optimizer=adamw``: torch's fused AdamW (CPU and CUDA; it takes the NaN-skip flag on the
+    device). ``adamw8bit``: torchao's AdamW8bit (exp_avg/exp_avg_sq in 8 bits with a scale per 256
+    values; tensors under 4,096 values stay fp32). ``train.optimizer_in_backward``: fused AdamW
+    stepped per parameter inside backward (:class:`InBackwardAdamW`).
+    """
+    del device  # fused AdamW runs on every device torch trains on here
+    kwargs = {"lr": cfg.peak_lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if cfg.optimizer == "adamw8bit":
+        return _adamw8bit(groups, kwargs)
+    if cfg.optimizer_in_backward:
+        return InBackwardAdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
+
+
+def _adamw8bit(groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        raise ConfigError(
+            "train.optimizer=adamw8bit needs torchao: pip install -e '.[lowmem]' (or pip install torchao), "
+            "or use train.optimizer=adamw"
+        ) from None
+    # torchao keeps each group's lr as a tensor (schedulers fill it in place); weight decay per group.
+    return AdamW8bit(groups, **kwargs)
+
+
+class InBackwardAdamW(torch.optim.AdamW):
+    """Fused AdamW whose update of each parameter runs in backward, right after that parameter's
+    gradient is complete (a post-accumulate-grad hook), and which then frees the gradient: the
+    gradients of the whole model never exist at once (saves 4 bytes/parameter at fp32).
+
+    ``step()`` does nothing (the work is done); state, ``state_dict`` and LR schedulers are those of
+    ``torch.optim.AdamW``. Before each backward the train step calls :meth:`begin` with the loss:
+    a non-finite loss skips every update of that backward (on the device); a non-finite gradient
+    skips that parameter's update only. :meth:`finish` returns the global gradient norm.
+    Needs one micro-batch per step and no clipping (the global norm is known only at the end).
+    """
+
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, fused=True, **kwargs)
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._loss_bad: torch.Tensor | None = None
+        self._sq_sum: torch.Tensor | None = None
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._step_param)
+            for p in self._group_of
+            if p.requires_grad
+        ]
+
+    def begin(self, loss: torch.Tensor) -> None:
+        """Arm the hooks for one backward of ``loss``."""
+        self._loss_bad = (~torch.isfinite(loss.detach())).float()
+        self._sq_sum = torch.zeros((), device=loss.device)
+
+    @torch.no_grad()
+    def _step_param(self, p: torch.Tensor) -> None:
+        if self._loss_bad is None:
+            raise RuntimeError("InBackwardAdamW: call begin(loss) before backward")
+        group, grad = self._group_of[p], p.grad
+        sq = grad.float().square().sum()
+        self._sq_sum += sq.to(self._sq_sum.device)
+        found_inf = torch.clamp(self._loss_bad.to(grad.device) + (~torch.isfinite(sq)).float(), max=1.0)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        adam_fn(
+            [p], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+            fused=True, grad_scale=None, found_inf=found_inf, decoupled_weight_decay=True,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False,
+        )  # fmt: skip
+        p.grad = None
+
+    def finish(self) -> torch.Tensor:
+        """The global L2 norm of this backward's gradients (before any update); disarms the hooks."""
+        norm = self._sq_sum.sqrt()
+        self._loss_bad = self._sq_sum = None
+        return norm
+
+    def step(self, closure=None):  # noqa: D102 - the updates ran in backward
+        return None
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 
 import torch
@@ -40,6 +39,37 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
+def grad_norm_and_clip(params: list[Tensor], max_norm: float) -> Tensor:
+    """Global L2 norm of the gradients of ``params`` (before clipping); clip in place when
+    ``max_norm > 0``. Works for plain and FSDP2-sharded (DTensor) gradients; no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a partial norm per shard -> the global norm
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """``optimizer.step()`` unless ``found_inf`` (a 0-dim float tensor, 1.0 = skip) is set.
+
+    Fused AdamW takes the flag on the device (as under a grad scaler): it skips the update and
+    leaves its step counter unchanged without a host sync. Other optimizers (torchao's 8-bit AdamW)
+    read the flag on the host, one sync per step.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(found_inf):
+        optimizer.step()
+
+
 def train_step(
     model: nn.Module,
     loss_fn: Callable[[dict, Batch], tuple[Tensor, dict[str, Tensor]]],
@@ -49,39 +79,79 @@ def train_step(
     amp: Callable[[], contextlib.AbstractContextManager],
     grad_clip: float,
     augment: Callable[[Batch], Batch] | None = None,
-) -> tuple[dict[str, Tensor], bool]:
+    grad_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+    reduce_flag: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
     """Forward/backward over ``k`` micro-batches (loss divided by k), clip, and step the optimizer.
 
     The step is skipped when the loss or the gradient norm is not finite (fp16 overflow is left to
-    the grad scaler, which skips and lowers its scale). Returns (mean metrics as detached tensors,
-    including ``grad_norm`` before clipping, and whether the optimizer stepped).
+    the grad scaler, which skips and lowers its scale). The decision stays on the device: nothing
+    here waits for the accelerator (see :func:`step_optimizer`).
+
+    Args:
+        grad_sync: callable(is_last_micro_batch) -> context for each backward (DDP's ``no_sync`` on
+            all but the last micro-batch), or None.
+        reduce_flag: callable(flag) -> flag maxed over ranks, so every rank skips together, or None.
+
+    Returns:
+        (mean metrics as detached tensors, including ``grad_norm`` before clipping; a 0-dim bool
+        tensor on the device, True when the optimizer stepped).
     """
     optimizer.zero_grad(set_to_none=True)
+    in_backward = hasattr(optimizer, "begin") and hasattr(optimizer, "finish")  # InBackwardAdamW
     k = len(micro_batches)
     sums: dict[str, Tensor] = {}
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         if augment is not None:
             batch = augment(batch)
-        with amp():
-            outputs = model(batch)
-            loss, metrics = loss_fn(outputs, batch)
-        scaler.scale(loss / k).backward()
+        with grad_sync(i == k - 1) if grad_sync is not None else contextlib.nullcontext():
+            with amp():
+                outputs = model(batch)
+                loss, metrics = loss_fn(outputs, batch)
+            if in_backward:
+                optimizer.begin(loss)
+            scaler.scale(loss / k).backward()
         for key, value in metrics.items():
             sums[key] = sums[key] + value if key in sums else value
     means = {key: value / k for key, value in sums.items()}
+    if in_backward:  # the parameters were updated (or skipped) during backward
+        means["grad_norm"] = optimizer.finish()
+        return means, torch.isfinite(means["loss"]) & torch.isfinite(means["grad_norm"])
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grad_norm = grad_norm_and_clip(params, grad_clip)
     means["grad_norm"] = grad_norm.detach()
-    # One host sync per step: the skip decision. fp16 overflow in the grads is the scaler's job.
-    loss_ok = bool(torch.isfinite(means["loss"]))
-    grads_ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
-    stepped = loss_ok and grads_ok
-    if stepped:
+    if scaler.is_enabled():  # fp16: the scaler skips overflowing steps (and lowers its scale)
         scaler.step(optimizer)
-    scaler.update()
-    return means, stepped
+        scaler.update()
+        return means, torch.isfinite(grad_norm)
+    bad = ~(torch.isfinite(means["loss"]) & torch.isfinite(grad_norm))
+    found_inf = bad.float()
+    if reduce_flag is not None:
+        found_inf = reduce_flag(found_inf)
+    step_optimizer(optimizer, found_inf)
+    return means, found_inf == 0
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor) -> None:
+    """EMA of ``model`` into ``ema`` (a ``torch.optim.swa_utils.AveragedModel`` with buffers), only
+    where ``ok`` (a 0-dim bool tensor: the optimizer stepped). The first update copies the weights.
+    Same arithmetic as ``get_ema_multi_avg_fn`` but without its host sync (``n_averaged == 0``).
+    """
+    ok_f = ok.to(ema.n_averaged.device).float()
+    weight = torch.where(ema.n_averaged == 0, 1.0, 1.0 - decay) * ok_f  # 0-dim, on the device
+    pairs = zip([*ema.module.parameters(), *ema.module.buffers()], [*model.parameters(), *model.buffers()])
+    floats, others = [], []
+    for e, m in pairs:
+        (floats if e.is_floating_point() else others).append((e.detach(), m.detach()))
+    if floats:
+        ema_t, model_t = zip(*floats)
+        torch._foreach_lerp_(list(ema_t), list(model_t), weight.to(ema_t[0].device))
+    for e, m in others:  # integer buffers (batch-norm counters)
+        avg = torch.where(ema.n_averaged == 0, m, (e * decay + m * (1 - decay)).to(e.dtype))
+        e.copy_(torch.where(ok_f > 0, avg, e))
+    ema.n_averaged += ok_f.long()
 
 
 @torch.no_grad()
