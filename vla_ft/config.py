@@ -362,6 +362,8 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str | None = None
     threads: int | None = None  # torch intra-op threads on CPU (None: torch default)
+    # copy the evaluated (best) checkpoint here with a model card (README.md + card.json); None: no export
+    export_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "use 1 or more optimizer steps")

@@ -33,6 +33,7 @@ class NativeBackbone(nn.Module):
         keypoints: spatial-softmax keypoint token per image (0: none).
         film: condition the CNN stages on the instruction (FiLM from the language model's mean
             hidden state over the instruction tokens).
+        keypoint_tokens: one token per keypoint (position + feature under it) instead of one in all.
     """
 
     def __init__(
@@ -46,12 +47,20 @@ class NativeBackbone(nn.Module):
         trust_remote_code: bool = False,
         keypoints: int = 0,
         film: bool = False,
+        keypoint_tokens: bool = False,
     ) -> None:
         super().__init__()
         self.language = LanguageBackbone(language, trust_remote_code)
         d = self.language.hidden_size
         self.vision = TimmVisionEncoder(
-            vision, vision_kwargs, pool_grid, vision_pretrained, channels_last, keypoints, d if film else 0
+            vision,
+            vision_kwargs,
+            pool_grid,
+            vision_pretrained,
+            channels_last,
+            keypoints,
+            d if film else 0,
+            keypoint_tokens,
         )
         self.conditions_vision = film
         self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, d), nn.GELU(), nn.Linear(d, d))

@@ -75,6 +75,7 @@ def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
         "channels_last": bool(cfg.extra.get("channels_last", preset.channels_last)),
         "keypoints": int(cfg.extra.get("keypoints", preset.keypoints)),
         "film": bool(cfg.extra.get("film", preset.film)),
+        "keypoint_tokens": bool(cfg.extra.get("keypoint_tokens", preset.keypoint_tokens)),
         "language": language,
     }
 
@@ -93,6 +94,7 @@ def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: s
         cfg.trust_remote_code,
         int(arch.get("keypoints", 0)),  # absent in checkpoints written before these options
         bool(arch.get("film", False)),
+        bool(arch.get("keypoint_tokens", False)),
     )
 
 

@@ -49,27 +49,34 @@ def create_timm(name: str, kwargs: dict[str, Any], pretrained_path: str | None) 
 
 
 class SpatialSoftmax(nn.Module):
-    """Feature map -> K soft keypoints (expected x, y under a per-channel softmax) -> one token.
+    """Feature map -> K soft keypoints (expected x, y under a per-channel softmax) -> tokens.
 
     A 1x1 conv makes K heat maps; each is a softmax over the h*w cells (learned temperature) whose
-    expected image coordinates in [-1, 1] are the keypoint. The 2K coordinates are projected to one
-    ``out_dim`` token, so object positions reach the policy as numbers, not as pooled texture.
+    expected image coordinates in [-1, 1] are the keypoint. With ``per_keypoint=False`` the 2K
+    coordinates are projected to one ``out_dim`` token; with ``per_keypoint=True`` each keypoint is
+    its own token made of its (x, y) and the feature vector under its heat map (what is there, e.g.
+    the color), so attention can pick "the red cube's keypoint" by content and read its position.
     """
 
-    def __init__(self, channels: int, keypoints: int, out_dim: int) -> None:
+    def __init__(self, channels: int, keypoints: int, out_dim: int, per_keypoint: bool = False) -> None:
         super().__init__()
+        self.per_keypoint = per_keypoint
         self.heatmaps = nn.Conv2d(channels, keypoints, kernel_size=1)
         self.log_temperature = nn.Parameter(torch.zeros(()))
-        self.out = nn.Linear(2 * keypoints, out_dim)
+        self.out = nn.Linear(2 + channels if per_keypoint else 2 * keypoints, out_dim)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) -> (N, 1, out_dim)."""
+        """(N, C, h, w) -> (N, 1, out_dim), or (N, K, out_dim) with ``per_keypoint``."""
         n, _, h, w = feats.shape
         logits = self.heatmaps(feats).flatten(2) / self.log_temperature.exp()  # (N, K, h*w)
         ys = torch.linspace(-1.0, 1.0, h, device=feats.device, dtype=logits.dtype)
         xs = torch.linspace(-1.0, 1.0, w, device=feats.device, dtype=logits.dtype)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (h*w, 2)
-        points = logits.softmax(-1) @ grid  # (N, K, 2)
+        attn = logits.softmax(-1)  # (N, K, h*w)
+        points = attn @ grid  # (N, K, 2)
+        if self.per_keypoint:
+            what = attn @ feats.flatten(2).transpose(1, 2)  # (N, K, C): the feature under each heat map
+            return self.out(torch.cat([points, what], dim=-1))  # (N, K, out_dim)
         return self.out(points.reshape(n, -1))[:, None]
 
 
@@ -94,6 +101,7 @@ class TimmVisionEncoder(nn.Module):
         channels_last: use channels-last memory format for CNNs.
         keypoints: spatial-softmax keypoints of the last feature map (0: none).
         film_dim: width of the conditioning vector for FiLM (0: no FiLM).
+        keypoint_tokens: one token per keypoint (position + feature) instead of one for all.
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class TimmVisionEncoder(nn.Module):
         channels_last: bool = True,
         keypoints: int = 0,
         film_dim: int = 0,
+        keypoint_tokens: bool = False,
     ) -> None:
         super().__init__()
         self.model = create_timm(name, dict(kwargs or {}), pretrained_path)
@@ -121,7 +130,9 @@ class TimmVisionEncoder(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.keypoints = SpatialSoftmax(self.out_dim, keypoints, self.out_dim) if keypoints > 0 else None
+        self.keypoints = (
+            SpatialSoftmax(self.out_dim, keypoints, self.out_dim, keypoint_tokens) if keypoints > 0 else None
+        )
         self.film: nn.ModuleList | None = None
         self._film_stages: list[str] = []
         if film_dim > 0:
@@ -156,7 +167,7 @@ class TimmVisionEncoder(nn.Module):
         if feats.dim() == 4:  # (N, C, h, w) CNN map
             tokens = F.adaptive_avg_pool2d(feats, self.pool_grid).flatten(2).transpose(1, 2)  # (N, g*g, C)
             if self.keypoints is not None:
-                tokens = torch.cat([tokens, self.keypoints(feats)], dim=1)  # (N, g*g + 1, C)
+                tokens = torch.cat([tokens, self.keypoints(feats)], dim=1)  # (N, g*g + 1 or K, C)
             return tokens
         if feats.dim() == 3:  # (N, P, C) transformer tokens
             return feats[:, self.num_prefix :]

@@ -300,4 +300,9 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
             "eval": final,
         },
     )
+    if cfg.train.export_dir:
+        from vla_ft.train.export import export_run
+
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        export_run(cfg, run_dir, (run_dir / "best").resolve(), summary, cfg.train.export_dir)
     return FinetuneResult(run_dir, result, final, wall_s)
