@@ -84,18 +84,24 @@ def test_lora_defaults_off_and_alpha_defaults_to_twice_the_rank():
 def test_adapters_sit_on_every_linear_and_conv_of_the_targets_and_only_they_plus_heads_train():
     policy, cfg = _policy(r=8)
     base_total = count_parameters(policy)[1]
-    convs = {n for n, m in policy.named_modules() if isinstance(m, nn.Conv2d)}
-    layers = target_modules(policy, cfg.target)
+    convs = {n: m for n, m in policy.named_modules() if isinstance(m, nn.Conv2d)}
+    vision_linears = {
+        n for n, m in policy.named_modules() if isinstance(m, nn.Linear) and n.startswith("backbone.vision.")
+    }  # e.g. FiLM generators, keypoint projection
+    layers, skipped = target_modules(policy, cfg.target)
     apply_lora(policy, cfg)
     assert isinstance(policy, LoRAPolicy)
-    # attention + MLP projections of both language layers, both projector linears, every CNN conv
-    expected = {"backbone.projector.0", "backbone.projector.2"} | convs
+    # attention + MLP projections of both language layers, both projector linears, every vision
+    # linear and conv except dilated convs (peft's conv adapter would not line up: they stay frozen)
+    plain = {n for n, m in convs.items() if m.dilation == (1, 1)}
+    expected = {"backbone.projector.0", "backbone.projector.2"} | plain | vision_linears
+    assert set(skipped) == set(convs) - plain
     for i in range(2):
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             expected.add(f"backbone.language.model.layers.{i}.self_attn.{proj}")
         for proj in ("gate_proj", "up_proj", "down_proj"):
             expected.add(f"backbone.language.model.layers.{i}.mlp.{proj}")
-    assert convs and all(n.startswith("backbone.vision.") for n in convs)
+    assert plain and all(n.startswith("backbone.vision.") for n in convs)
     assert set(layers) == expected and set(target_modules_of(policy)) == expected
 
     for name, p in policy.named_parameters():

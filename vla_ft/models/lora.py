@@ -4,7 +4,8 @@
 
 * injects peft LoRA layers (``peft.inject_adapter_in_model``) into every ``nn.Linear`` and
   ``nn.Conv2d`` of the backbone modules named in ``model.lora.target`` (``language``: attention and
-  MLP projections; ``projector``; ``vision``: the CNN's convolutions, or a ViT's linears);
+  MLP projections; ``projector``; ``vision``: the CNN's convolutions, or a ViT's linears), except
+  dilated or grouped convolutions, which peft's conv adapter does not reproduce (:func:`adaptable`);
 * freezes every other backbone parameter (embeddings, norms, ...);
 * keeps every parameter outside the backbone trainable: action and task heads, action queries,
   readout, state projection, view embeddings. They are new for the task (the heads may even be
@@ -55,29 +56,44 @@ def _peft() -> Any:
     return peft
 
 
-def target_modules(policy: VLAPolicy, targets: list[str]) -> list[str]:
-    """Names (relative to ``policy``) of the Linear/Conv2d layers of the backbone modules ``targets``.
+def adaptable(module: nn.Module) -> bool:
+    """Whether peft's LoRA reproduces ``module``'s geometry: any ``nn.Linear``; an ``nn.Conv2d`` only
+    without dilation and groups and with zero padding (peft's ``lora_A`` copies kernel size, stride
+    and padding but not dilation or padding mode, so the adapter's output would not line up)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.dilation == (1, 1) and module.groups == 1 and module.padding_mode == "zeros"
+    return False
+
+
+def target_modules(policy: VLAPolicy, targets: list[str]) -> tuple[list[str], list[str]]:
+    """The layers (names relative to ``policy``) of the backbone modules ``targets`` that get adapters.
 
     A layer belongs to the module (``language``, ``projector``, ``vision``) that the backbone's
     ``depths()`` assigns to its weight, so native and VLM backbones are handled alike.
+
+    Returns:
+        (adapted layer names, skipped layer names: Conv2d layers peft cannot adapt, see :func:`adaptable`).
 
     Raises:
         ConfigError: no layer of a named module can take an adapter.
     """
     depths = policy.backbone.depths()  # param name (under backbone) -> (module, depth, layers)
     found: dict[str, list[str]] = {t: [] for t in targets}
+    skipped = []
     for name, module in policy.backbone.named_modules():
         if isinstance(module, ADAPTED_TYPES):
             group = depths.get(f"{name}.weight", (None,))[0]
             if group in found:
-                found[group].append(f"backbone.{name}")
+                (found[group] if adaptable(module) else skipped).append(f"backbone.{name}")
     empty = [t for t, names in found.items() if not names]
     if empty:
         raise ConfigError(
-            f"model.lora.target={targets}: {', '.join(empty)} has no Linear/Conv2d layer in this model; "
-            f"remove it from model.lora.target"
+            f"model.lora.target={targets}: {', '.join(empty)} has no Linear/Conv2d layer that LoRA can "
+            f"adapt in this model; remove it from model.lora.target"
         )
-    return [name for names in found.values() for name in names]
+    return [name for names in found.values() for name in names], skipped
 
 
 def is_lora_parameter(name: str) -> bool:
@@ -207,7 +223,7 @@ def apply_lora(policy: VLAPolicy, cfg: LoraConfig, resume: str | Path | None = N
     if isinstance(policy, LoRAPolicy):
         raise ConfigError("apply_lora: this policy already has LoRA adapters")
     peft = _peft()
-    modules = target_modules(policy, cfg.target)
+    modules, skipped = target_modules(policy, cfg.target)
     before_total = count_parameters(policy)[1]
     peft_cfg = peft.LoraConfig(
         r=cfg.r, lora_alpha=cfg.scale_alpha, lora_dropout=cfg.dropout, target_modules=modules, bias="none"
@@ -230,5 +246,6 @@ def apply_lora(policy: VLAPolicy, cfg: LoraConfig, resume: str | Path | None = N
         f"({', '.join(cfg.target)}): {adapters:,} adapter parameters (+{100.0 * adapters / before_total:.1f}% "
         f"of the model); trainable {trainable:,} / {total:,} ({100.0 * trainable / total:.1f}%) with the "
         f"new-task parts outside the backbone"
+        + (f"; {len(skipped)} dilated/grouped conv layers stay frozen without adapters" if skipped else "")
     )
     return policy
