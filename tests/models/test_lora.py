@@ -211,3 +211,20 @@ def test_missing_peft_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(ConfigError, match=r"needs the peft package: pip install -e '.\[lora\]'"):
         apply_lora(policy, cfg)
+
+
+def test_a_vlm_backbone_gets_adapters_per_target_and_merges_exactly(tmp_path):
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, target=["language", "projector"])
+    policy = load_vla(ModelConfig(preset="tiny-vlm", lora=cfg), make_info())
+    apply_lora(policy, cfg)
+    adapted = target_modules_of(policy)
+    assert adapted and all(".text_model." in n or ".connector." in n for n in adapted)
+    assert any(".connector." in n for n in adapted)
+    _train(policy, steps=2)
+    policy.eval()
+    batch = make_batch(make_info(), b=2, seed=3)
+    with torch.no_grad():
+        expected = policy(batch)[C.OUT_ACTION]
+        loaded = VLAPolicy.from_pretrained(policy.save_pretrained(tmp_path / "vlm")).eval()
+        torch.testing.assert_close(loaded(batch)[C.OUT_ACTION], expected, rtol=1e-5, atol=1e-5)
