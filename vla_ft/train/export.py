@@ -55,7 +55,7 @@ def build_card(cfg: Config, run_dir: Path, ckpt: Path, summary: dict[str, Any]) 
     versions.update({pkg: _version(pkg) for pkg in PACKAGES})
     return {
         "name": cfg.name,
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
+        "command": shlex.join(["python", *sys.argv]) if sys.argv else None,
         "git_commit": git_commit(),
         "source_run": str(run_dir),
         "source_checkpoint": ckpt.name,
@@ -89,8 +89,7 @@ def _markdown(card: dict[str, Any]) -> str:
         f"{collect['episodes_per_task']} episodes per task, reset seeds from {collect['seed']}, "
         f"action noise {collect['action_noise']}",
         f"- Parameters: {params.get('trainable', 0):,} trainable / {params.get('total', 0):,}",
-        f"- Weights sha256: `{card['weights_sha256']}` (checkpoint `{card['source_checkpoint']}` "
-        f"of the run)",
+        f"- Weights sha256: `{card['weights_sha256']}` (checkpoint `{card['source_checkpoint']}` of the run)",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in card['versions'].items() if v)}",
         "",
         "## Metrics",
