@@ -81,7 +81,7 @@ def tiny_overrides(data_path: Path, out_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-@pytest.fixture(name="tiny_overrides")
+@pytest.fixture(name="tiny_overrides", scope="session")
 def tiny_overrides_fixture():
     """The override list builder: tiny_overrides(data_path, out_dir, **extra)."""
     return tiny_overrides

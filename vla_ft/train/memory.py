@@ -3,7 +3,8 @@
     python scripts/plan_memory.py --cfg pick_place.yaml model.preset=smolvlm-500m train.batch_size=16
 
 The policy is built on the meta device (no weights; an HF backbone given by name or directory
-contributes only its config.json) and the plan adds up, per rank, in bytes:
+contributes only its config.json; vla_ft/train/memory_arch.py reads its units) and the plan adds
+up, per rank, in bytes:
 
 * weights: fp32 master weights (sharded 1/W under FSDP, plus the unsharded ``param_dtype`` copies
   of the root unit and of two blocks, current and prefetched; none kept on the GPU with CPU offload);
@@ -11,268 +12,31 @@ contributes only its config.json) and the plan adds up, per rank, in bytes:
   only one tensor's gradient lives at a time);
 * optimizer state: AdamW's exp_avg + exp_avg_sq, 8 bytes per trainable weight; torchao's 8-bit
   AdamW 2 bytes + a fp32 scale per 256 values (tensors under 4,096 values stay fp32);
-* activations saved for backward, per micro-batch sample. Transformer stacks use closed forms per
-  token and layer (decoder, Llama-like: ``4 (10 d + 4 f + h + N + 2)`` bytes at fp32 and
-  ``34 d + 8 f + 4 h + 2 N + 8`` under bf16 autocast (three separate bf16 casts of each norm output,
-  fp32 norms, and the bf16 copies of the weights autocast saves); encoder (ViT-like):
-  ``4 (8 d + 2 f + h + 4)`` / ``24 d + 4 f + 4 h + 16``; with activation checkpointing a layer keeps
-  its fp32 input, ``4 d``, and recomputes one layer at a time). Everything else (timm vision
-  encoders, CNN or ViT; projectors; heads) is traced: its forward runs on the meta device under
-  ``torch.autograd.graph.saved_tensors_hooks`` and the saved storages are summed (exact at fp32;
-  halved for bf16, the CUDA autocast dtype). Tokens per sample: ``views x image tokens + state + L
-  + chunk + readout`` (image tokens: pooled CNN grid or ViT patches, after any pixel shuffle).
+* activations saved for backward (memory_arch), times the per-rank micro-batch, plus the bf16
+  weight copies autocast saves (none under FSDP's bf16 parameters).
 
 The backward is walked from the output down (heads, language layers, projector, vision): at each
-unit the gradients produced so far and the activations not yet freed are alive; the peak is the
-largest such sum on top of weights and optimizer state, or the optimizer step's (all gradients).
-What is not counted: the CUDA context and the caching allocator's fragmentation (the ``fits``
-check leaves ``headroom_gb`` and 10% free), NCCL buffers, torch.compile workspaces.
-tests/train/test_memory.py compares the activation estimate to autograd's saved bytes on the CPU.
+unit the gradients produced so far and the activations not yet freed are alive (plus, under
+checkpointing, the unit's recomputed activations); the peak is the largest such sum on top of
+weights and optimizer state, or the optimizer step's (all gradients). Not counted: the CUDA
+context and the caching allocator's fragmentation (``fits`` leaves ``headroom_gb`` and 10%), NCCL
+buffers, torch.compile workspaces.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vla_ft import constants as K
 from vla_ft.config import Config
-from vla_ft.errors import ConfigError
+from vla_ft.train.memory_arch import Arch, Unit, data_dims, data_tokens, describe, meta_policy
 
 GIB = 2**30
 RESERVE = 1.10  # caching-allocator slack over torch's allocated peak
-
-
-# --------------------------------------------------------------------------------------------
-# Activations of transformer stacks (closed forms) and of everything else (meta traces)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stack:
-    """Dimensions of a transformer stack. ``kind``: ``decoder`` (RMSNorm, gated MLP, RoPE, causal
-    mask) or ``encoder`` (LayerNorm, two-layer MLP, no mask)."""
-
-    kind: str
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-
-    def act_bytes(self, ctx_tokens: int, bf16: bool) -> float:
-        """Bytes saved for backward per token and layer (``ctx_tokens``: the attention mask row)."""
-        d, f, h = self.hidden, self.ffn, self.heads
-        if self.kind == "decoder":
-            return (
-                34 * d + 8 * f + 4 * h + 2 * ctx_tokens + 8
-                if bf16
-                else 4 * (10 * d + 4 * f + h + ctx_tokens + 2)
-            )
-        return 24 * d + 4 * f + 4 * h + 16 if bf16 else 4 * (8 * d + 2 * f + h + 4)
-
-    def ckpt_bytes(self) -> float:
-        """Bytes kept per token and layer under activation checkpointing: the fp32 layer input."""
-        return 4.0 * self.hidden
-
-
-def _stack(config: Any, kind: str) -> Stack:
-    return Stack(
-        kind,
-        int(config.num_hidden_layers),
-        int(config.hidden_size),
-        int(config.intermediate_size),
-        int(config.num_attention_heads),
-    )
-
-
-def saved_bytes(fn, params: list[nn.Parameter]) -> tuple[int, Any]:
-    """Run ``fn()`` and sum the distinct storages autograd saves for backward (parameters
-    excluded). Works on the meta device (storages told apart by identity, not address)."""
-    own = {p.untyped_storage()._cdata for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in own:
-            seen.setdefault(storage._cdata, storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
-# --------------------------------------------------------------------------------------------
-# The architecture, read off a policy built on the meta device
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Unit:
-    """One stretch of the backward (from the output down): its trainable parameters and the
-    activation bytes per sample it frees. ``layers`` > 1: that many identical units."""
-
-    name: str
-    params: int  # trainable weights (gradients)
-    matmul_params: int  # weights bf16 autocast saves a copy of (per step, not per sample)
-    acts: float  # bytes per sample at fp32 (traced, or the closed form)
-    acts_bf16: float  # bytes per sample under bf16 autocast (without the weight copies)
-    acts_ckpt: float  # kept under activation checkpointing (fp32 layer inputs)
-    layers: int = 1
-    checkpointable: bool = False
-    acts_ckpt_bf16: float | None = None  # kept under checkpointing with bf16 (None: acts_ckpt)
-
-
-@dataclass
-class Arch:
-    """What the plan needs to know about a policy."""
-
-    name: str
-    params: int
-    tensor_numels: list[int]  # trainable tensors (8-bit optimizer state rounds per tensor)
-    units: list[Unit]
-    tokens: dict[str, int]
-    root_params: int  # FSDP root unit (everything outside the transformer blocks)
-    block_params: int  # the largest transformer block
-    largest_tensor: int
-
-
-def _matmul_params(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-
-
-def describe(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
-    """Read the units of ``policy`` (built on the meta device) for the plan.
-
-    Args:
-        policy: a ``VLAPolicy`` on the meta device (``build_policy`` under ``torch.device("meta")``).
-        data_tokens: ``views`` (frames x cameras), ``instruction`` (padded length L), ``chunk`` (H),
-            ``state`` (1 with proprio, else 0), ``image_size`` (side in px).
-    """
-    from vla_ft.models import param_info
-    from vla_ft.train.distributed import transformer_blocks
-
-    bb, info = policy.backbone, param_info(policy)
-    params = {n: p for n, p in policy.named_parameters()}
-    views, size = data_tokens["views"], data_tokens["image_size"]
-    units: list[Unit] = []
-    heads = [n for n, i in info.items() if i.module == K.MODULE_HEADS]
-    d = bb.hidden_size
-    h_acts, _ = saved_bytes(
-        lambda: (policy.action_head(torch.zeros(1, policy.dims.chunk, d, device="meta", requires_grad=True)),
-                 policy.task_head(torch.zeros(1, d, device="meta", requires_grad=True))),
-        list(policy.parameters()),
-    )  # fmt: skip
-    head_mm = _matmul_params(policy.action_head) + _matmul_params(policy.task_head)
-    units.append(Unit("heads", sum(params[n].numel() for n in heads), head_mm, h_acts, h_acts / 2, h_acts))
-    vision_params = list(bb.vision.parameters()) if hasattr(bb, "vision") else []
-
-    if hasattr(bb, "vision"):  # native: timm encoder (traced) + MLP projector (traced)
-        lm_cfg, vision = bb.language.model.config, bb.vision
-        cond = torch.zeros(1, d, device="meta") if getattr(bb, "conditions_vision", False) else None
-        image = torch.zeros(1, 3, size, size, device="meta")
-        run = lambda: vision(image, cond) if cond is not None else vision(image)  # noqa: E731
-        v_acts, feats = saved_bytes(run, vision_params)
-        vision.set_gradient_checkpointing(True)
-        v_ckpt, _ = saved_bytes(run, vision_params)
-        vision.set_gradient_checkpointing(False)
-        image_tokens = int(feats.shape[1])
-        p_acts, _ = saved_bytes(
-            lambda: bb.projector(feats.detach().requires_grad_()), list(bb.projector.parameters())
-        )
-        vision_mm, proj_mm = _matmul_params(vision), _matmul_params(bb.projector)
-        vision_stack = None
-    else:  # HF VLM: vision tower (closed form) + connector (traced)
-        vcfg, lm_cfg = bb.model.config.vision_config, bb.model.config.get_text_config()
-        vision_stack = _stack(vcfg, "encoder")
-        patches = (int(vcfg.image_size) // int(vcfg.patch_size)) ** 2
-        tower = bb._part(bb.vision_attr)
-        hidden = torch.zeros(1, patches, vision_stack.hidden, device="meta", requires_grad=True)
-        connector = bb._part(bb.proj_attr)
-        p_acts, out = saved_bytes(lambda: connector(hidden), list(connector.parameters()))
-        image_tokens = int(out.shape[1])
-        pixels = 4.0 * 3 * int(vcfg.image_size) ** 2  # the patch convolution's (resized) input
-        post = 4.0 * patches * (vision_stack.hidden + 2)  # final layer norm
-        v_acts = v_ckpt = pixels + post
-        vision_mm, proj_mm = _matmul_params(tower), _matmul_params(bb._part(bb.proj_attr))
-    lm = _stack(lm_cfg, "decoder")
-    n_tokens = (
-        views * image_tokens + data_tokens["state"] + data_tokens["instruction"] + data_tokens["chunk"] + 1
-    )
-    film_tokens = data_tokens["instruction"] if getattr(bb, "conditions_vision", False) else 0
-
-    def by_module(module: str) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for n, i in info.items():
-            if i.module == module:
-                out[i.depth] = out.get(i.depth, 0) + params[n].numel()
-        return out
-
-    lang, vis = by_module(K.MODULE_LANGUAGE), by_module(K.MODULE_VISION)
-    lm_layer_params = max((v for k, v in lang.items() if 1 <= k <= lm.layers), default=0)
-    top = 4.0 * (2 * lm.hidden + 1) + 2 * 4.0 * lm.hidden // lm.heads  # final norm + RoPE cos/sin
-    units.append(Unit("lm final norm", lang.get(lm.layers + 1, 0), 0, top * n_tokens, top * n_tokens,
-                      top * n_tokens))  # fmt: skip
-    tok = n_tokens + film_tokens
-    units.append(
-        Unit(
-            "lm layer",
-            lm_layer_params,
-            lm_layer_params,  # all but the norms' weights are matmuls
-            lm.act_bytes(n_tokens, False) * tok,
-            lm.act_bytes(n_tokens, True) * tok,
-            lm.ckpt_bytes() * tok,
-            layers=lm.layers,
-            checkpointable=True,
-        )
-    )
-    units.append(Unit("lm embeddings", lang.get(0, 0), 0, 0.0, 0.0, 0.0))
-    proj = sum(p.numel() for n, p in params.items() if info[n].module == K.MODULE_PROJECTOR)
-    units.append(Unit("projector", proj, proj_mm, p_acts * views, p_acts * views / 2, p_acts * views))
-    vis_total = sum(vis.values())
-    if vision_stack is not None:
-        v_layer = max((v for k, v in vis.items() if 1 <= k <= vision_stack.layers), default=0)
-        units.append(
-            Unit(
-                "vision layer",
-                v_layer,
-                v_layer,
-                vision_stack.act_bytes(0, False) * patches * views,
-                vision_stack.act_bytes(0, True) * patches * views,
-                vision_stack.ckpt_bytes() * patches * views,
-                layers=vision_stack.layers,
-                checkpointable=True,
-            )
-        )
-        vis_total -= v_layer * vision_stack.layers
-    units.append(
-        # a timm encoder checkpoints its own stages: its traced kept bytes; the recompute transient
-        # is taken as the whole encoder's activations (an upper bound: timm rebuilds one stage at a time)
-        Unit("vision", vis_total, vision_mm if vision_stack is None else 0, v_acts * views, v_acts * views / 2,
-             v_ckpt * views, checkpointable=vision_stack is None, acts_ckpt_bf16=v_ckpt * views / 2)
-    )  # fmt: skip
-    blocks = transformer_blocks(policy)
-    block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    total = sum(p.numel() for p in policy.parameters())
-    tokens = {"image_tokens_per_view": image_tokens, "views": views, "sequence": n_tokens}
-    if vision_stack is not None:
-        tokens["vision_patches_per_view"] = patches
-    return Arch(
-        name=str(policy.cfg.preset),
-        params=total,
-        tensor_numels=[p.numel() for p in trainable],
-        units=units,
-        tokens=tokens,
-        root_params=total - sum(block_sizes),
-        block_params=max(block_sizes, default=0),
-        largest_tensor=max((p.numel() for p in trainable), default=0),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,100 +130,51 @@ def estimate(arch: Arch, s: Setting) -> Plan:
     return Plan(s, weights, grad_total, optimizer, activations, transient_w + grad_transient, peak)
 
 
-def advise(
-    arch: Arch, s: Setting, gpu_gb: float, headroom_gb: float = 2.0, base_micro: int | None = None
-) -> list[tuple[str, float]]:
-    """Changes that lower the peak, each with its predicted peak, most useful first (cumulative
-    where one alone is not enough). Empty when ``s`` already fits."""
+def advise(arch: Arch, s: Setting, gpu_gb: float, headroom_gb: float = 2.0) -> list[tuple[str, float]]:
+    """Changes that lower the peak, each with its predicted peak: a cumulative path (each change on
+    top of the previous ones, stopping once it fits) and, for one process, the alternative of
+    stepping the optimizer in backward. Empty when ``s`` already fits."""
     out: list[tuple[str, float]] = []
 
+    def fits(setting: Setting) -> bool:
+        return estimate(arch, setting).fits(gpu_gb, headroom_gb)
+
     def add(label: str, setting: Setting) -> Setting:
-        out.append((label, estimate(arch, setting).peak))
+        peak = estimate(arch, setting).peak
+        if out and not label.startswith("or:") and peak >= 0.99 * out[-1][1]:
+            return setting  # no gain worth a line (e.g. checkpointing when the optimizer step peaks)
+        out.append((label, peak))
         return setting
 
-    if estimate(arch, s).fits(gpu_gb, headroom_gb):
+    if fits(s):
         return out
     cur = s
     if not s.checkpointing:
         cur = add("model.gradient_checkpointing=true", dataclasses.replace(cur, checkpointing=True))
-    if s.optimizer == "adamw" and not s.cpu_offload:
+    ckpt = cur
+    if not fits(cur) and s.optimizer == "adamw" and not s.cpu_offload:
         cur = add(
             "+ train.optimizer=adamw8bit (extra `lowmem`)", dataclasses.replace(cur, optimizer="adamw8bit")
         )
-    if s.parallel != "fsdp" and s.world_size > 1:
+    if not fits(cur) and s.parallel != "fsdp" and s.world_size > 1:
         cur = add(f"+ train.parallel=fsdp ({s.world_size} ranks)", dataclasses.replace(cur, parallel="fsdp"))
     accum = 1
-    while cur.micro_batch > 1 and not estimate(arch, cur).fits(gpu_gb, headroom_gb):
+    while cur.micro_batch > 1 and not fits(cur):
         accum *= 2
         cur = dataclasses.replace(cur, micro_batch=max(1, cur.micro_batch // 2))
         add(f"+ micro-batch {cur.micro_batch} (train.grad_accum x{accum}, same global batch)", cur)
-    if not estimate(arch, cur).fits(gpu_gb, headroom_gb) and not cur.cpu_offload:
+    if not fits(cur) and not cur.cpu_offload:
         cur = dataclasses.replace(cur, parallel="fsdp", cpu_offload=True, optimizer="adamw")
-        add("+ train.parallel=fsdp train.cpu_offload=true (optimizer state, grads, weights on CPU)", cur)
+        add("+ train.parallel=fsdp train.cpu_offload=true (weights, grads, optimizer state on CPU)", cur)
+    if s.parallel == "none" and s.optimizer == "adamw" and not s.optimizer_in_backward:
+        alt = dataclasses.replace(ckpt, optimizer_in_backward=True)
+        add("or: checkpointing + train.optimizer_in_backward=true train.grad_clip=0 (grad_accum 1)", alt)
     return out
 
 
 # --------------------------------------------------------------------------------------------
-# From a config: the policy on the meta device
+# From a config
 # --------------------------------------------------------------------------------------------
-
-
-def _hf_config_dict(spec: str, key: str) -> dict[str, Any]:
-    """A transformers config (``config.json`` only: a local directory or a hub id) as a dict."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(spec)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"{key}={spec!r}: cannot read its config.json ({exc}); give a directory holding the model's "
-            f"config.json (no weights needed) or a preset"
-        ) from None
-    return {"model_type": config.model_type, **config.to_diff_dict()}
-
-
-def meta_policy(cfg: Config, dims: Any) -> nn.Module:
-    """``cfg.model`` built on the meta device with ``dims`` (a ``ModelDims``); no weights read."""
-    import json
-
-    from vla_ft.models.loading import build_policy, resolve_arch
-
-    model_cfg = dataclasses.replace(cfg.model, pretrained=None, vision_pretrained=None)
-    if cfg.model.pretrained is not None:  # a checkpoint of ours: its architecture
-        meta_file = Path(cfg.model.pretrained) / "config.json"
-        if not meta_file.is_file():
-            raise ConfigError(
-                f"model.pretrained={cfg.model.pretrained!r}: planning reads the checkpoint's config.json; "
-                f"give a local checkpoint directory (or plan its preset)"
-            )
-        arch = json.loads(meta_file.read_text())["arch"]
-    else:
-        arch = resolve_arch(model_cfg)
-        if arch["kind"] == "vlm" and isinstance(arch["vlm"], str):
-            arch["vlm"] = _hf_config_dict(arch["vlm"], "model.vlm")
-        if arch["kind"] == "native" and isinstance(arch["language"], str):
-            arch["language"] = _hf_config_dict(arch["language"], "model.language")
-    with torch.device("meta"):
-        policy = build_policy(model_cfg, dims, arch=arch)
-    policy.train()
-    return policy
-
-
-def data_dims(cfg: Config):
-    """Model dims the config's data would give (cameras from data.image_keys or env.cameras)."""
-    from vla_ft.models import ModelDims
-
-    keys = cfg.data.image_keys or [f"{c}_image" for c in cfg.env.cameras]
-    size = cfg.data.image_size or cfg.env.image_size
-    return ModelDims(
-        action_dim=4,
-        state_dim=5,
-        image_keys=list(keys),
-        state_keys=["ee_pos", "gripper_qpos"],
-        image_size=(size, size),
-        history=cfg.data.history,
-        chunk=cfg.data.chunk,
-    )
 
 
 def setting_from_config(cfg: Config, world_size: int, precision: str) -> Setting:
@@ -476,16 +191,6 @@ def setting_from_config(cfg: Config, world_size: int, precision: str) -> Setting
         optimizer_in_backward=tc.optimizer_in_backward,
         cpu_offload=tc.cpu_offload,
     )
-
-
-def _data_tokens(cfg: Config, dims: Any) -> dict[str, int]:
-    return {
-        "views": dims.history * len(dims.image_keys),
-        "instruction": cfg.data.instruction_max_tokens,
-        "chunk": dims.chunk,
-        "state": 1 if dims.state_dim > 0 else 0,
-        "image_size": int(dims.image_size[0]),
-    }
 
 
 def plan_config(
@@ -509,7 +214,7 @@ def plan_config(
         with torch.device("meta"):
             policy = build_policy(dataclasses.replace(cfg.model, pretrained=None), dims, arch=arch)
         policy.train()
-    described = describe(policy, _data_tokens(cfg, dims))
+    described = describe(policy, data_tokens(cfg, dims))
     return described, estimate(described, setting_from_config(cfg, world_size, precision))
 
 
@@ -542,3 +247,66 @@ def warn_if_out_of_memory(
             stacklevel=2,
         )
     return plan
+
+
+def report(cfg: Config, world_size: int, precision: str, gpu_gb: float, headroom_gb: float = 2.0) -> dict:
+    """Everything ``scripts/plan_memory.py`` prints and writes: the plan of the config as given, the
+    same with activation checkpointing flipped, whether it fits ``gpu_gb`` and the advice."""
+    arch, plan = plan_config(cfg, world_size, precision)
+    flipped = estimate(arch, dataclasses.replace(plan.setting, checkpointing=not plan.setting.checkpointing))
+    gib = lambda x: round(x / GIB, 3)  # noqa: E731
+
+    def as_dict(p: Plan) -> dict:
+        parts = ("weights", "gradients", "optimizer", "activations", "transient", "peak")
+        return {**{f"{k}_gib": gib(getattr(p, k)) for k in parts}, "setting": dataclasses.asdict(p.setting)}
+
+    return {
+        "model": arch.name,
+        "params": arch.params,
+        "trainable": sum(arch.tensor_numels),
+        "tokens": arch.tokens,
+        "global_batch": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "gpu_gb": gpu_gb,
+        "headroom_gb": headroom_gb,
+        "plan": as_dict(plan),
+        "fits": plan.fits(gpu_gb, headroom_gb),
+        "with_checkpointing_flipped": as_dict(flipped),
+        "advice": [
+            {"change": label, "peak_gib": gib(peak)}
+            for label, peak in advise(arch, plan.setting, gpu_gb, headroom_gb)
+        ],
+    }
+
+
+def format_report(r: dict) -> str:
+    """The report as a table (GiB per rank)."""
+    s, p, q = r["plan"]["setting"], r["plan"], r["with_checkpointing_flipped"]
+    ckpt = "on" if s["checkpointing"] else "off"
+    lines = [
+        f"model {r['model']}: {r['params'] / 1e6:,.1f}M parameters ({r['trainable'] / 1e6:,.1f}M trainable); "
+        f"{r['tokens']['sequence']} tokens per sample ({r['tokens']['views']} views x "
+        f"{r['tokens']['image_tokens_per_view']} image tokens + state, instruction, chunk, readout)",
+        f"{s['parallel']} x {s['world_size']} rank(s), global batch {r['global_batch']} = micro-batch "
+        f"{s['micro_batch']} x accum {r['grad_accum']} x ranks, {s['precision']}, optimizer {s['optimizer']}"
+        f"{' (in backward)' if s['optimizer_in_backward'] else ''}{', CPU offload' if s['cpu_offload'] else ''}",
+        "",
+        f"{'GiB per rank':<22}{'checkpointing ' + ckpt:>20}{'checkpointing ' + ('off' if ckpt == 'on' else 'on'):>20}",
+    ]
+    for key, label in (
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer", "optimizer state"),
+        ("activations", "activations"),
+        ("transient", "transient (FSDP)"),
+        ("peak", "peak"),
+    ):
+        lines.append(f"{label:<22}{p[key + '_gib']:>20.2f}{q[key + '_gib']:>20.2f}")
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    lines.append(
+        f"\n{verdict} a {r['gpu_gb']:g} GiB GPU (peak x {RESERVE:.2f} + {r['headroom_gb']:g} GiB headroom)"
+    )
+    if r["advice"]:
+        lines.append("to fit, in order (each on top of the previous):")
+        lines += [f"  {a['change']:<88} peak {a['peak_gib']:8.2f} GiB" for a in r["advice"]]
+    return "\n".join(lines)

@@ -119,16 +119,15 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) 
     values; tensors under 4,096 values stay fp32). ``train.optimizer_in_backward``: fused AdamW
     stepped per parameter inside backward (:class:`InBackwardAdamW`).
     """
-    del device  # fused AdamW runs on every device torch trains on here
     kwargs = {"lr": cfg.peak_lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.optimizer == "adamw8bit":
-        return _adamw8bit(groups, kwargs)
+        return _adamw8bit(groups, kwargs, device)
     if cfg.optimizer_in_backward:
         return InBackwardAdamW(groups, **kwargs)
     return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
-def _adamw8bit(groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
+def _adamw8bit(groups: list[dict], kwargs: dict, device: torch.device) -> torch.optim.Optimizer:
     try:
         from torchao.optim import AdamW8bit
     except ImportError:
@@ -136,8 +135,18 @@ def _adamw8bit(groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
             "train.optimizer=adamw8bit needs torchao: pip install -e '.[lowmem]' (or pip install torchao), "
             "or use train.optimizer=adamw"
         ) from None
-    # torchao keeps each group's lr as a tensor (schedulers fill it in place); weight decay per group.
-    return AdamW8bit(groups, **kwargs)
+    if device.type == "cuda":  # torchao compiles its per-parameter update (once per tensor shape)
+        return AdamW8bit(groups, **kwargs)
+
+    class EagerAdamW8bit(AdamW8bit):
+        """On the CPU, compiling the update costs minutes per run (a compile per tensor shape on a
+        few cores); the same arithmetic runs eagerly (torchao's quantized state is a tensor subclass)."""
+
+        def step(self, closure=None):
+            with torch.compiler.set_stance("force_eager"):
+                return super().step(closure)
+
+    return EagerAdamW8bit(groups, **kwargs)
 
 
 class InBackwardAdamW(torch.optim.AdamW):
