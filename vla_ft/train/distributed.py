@@ -133,11 +133,10 @@ def setup_distributed(parallel: str, device_name: str) -> DistContext:
         device = torch.device(device_name)
     owns = not dist.is_initialized()
     if owns:
-        if "MASTER_ADDR" not in os.environ:  # not under torchrun: a group of one process
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:  # no torchrun: a group of one
+            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         dist.init_process_group(backend, timeout=PG_TIMEOUT, **kwargs)
     return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 
