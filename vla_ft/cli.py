@@ -35,7 +35,7 @@ def _train_command(prog: str, description: str) -> Callable[[Sequence[str]], int
     """finetune and pretrain: the same full-parameter loop, driven by the config."""
 
     def command(argv: Sequence[str]) -> int:
-        args = _parser(prog, description).parse_args(argv)
+        args = _parser(prog, description).parse_intermixed_args(argv)
         cfg = load_config(args.cfg, args.overrides)
         from vla_ft.train.finetune import run_finetune
 
@@ -62,7 +62,7 @@ def _evaluate(argv: Sequence[str]) -> int:
         default="checkpoint",
         help="score a checkpoint (default), the scripted expert (the ceiling) or uniform random actions",
     )
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = load_config(args.cfg, args.overrides)
     if args.policy == "checkpoint" and not args.ckpt:
         p.error("--ckpt DIR is required unless --policy expert|random")
@@ -74,7 +74,7 @@ def _evaluate(argv: Sequence[str]) -> int:
 
 def _collect(argv: Sequence[str]) -> int:
     p = _parser("collect", "Collect scripted-expert demonstrations in MuJoCo into a robomimic/LIBERO HDF5.")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = load_config(args.cfg, args.overrides)
     from vla_ft.data.collect import run_collect
 
@@ -100,7 +100,7 @@ def _compare(argv: Sequence[str]) -> int:
     )
     p.add_argument("--steps", type=int, help="train.steps for every training row (default: the config's)")
     p.add_argument("--episodes", type=int, help="eval.episodes for every row (default: the config's)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = load_config(args.cfg, args.overrides)
     from vla_ft.compare import run_compare
 
