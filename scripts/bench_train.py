@@ -1,22 +1,34 @@
 #!/usr/bin/env python
-"""Training-step throughput: the toolkit's step next to a bare PyTorch loop, same model and batch.
+"""Training-step throughput and memory: the toolkit's step next to a bare PyTorch loop, same model
+and batch, with the memory plan's predicted peak beside the measured one.
 
     python scripts/bench_train.py                       # tiny preset, CPU, fp32
-    python scripts/bench_train.py --presets tiny,small --device cuda --precision bf16
+    python scripts/bench_train.py --presets small,smolvlm-500m --device cuda --precision bf16 --batch 16
+    python scripts/bench_train.py --presets small --vision vit_so400m_patch14_siglip_224 --image-size 224 \\
+        --language docs/examples/llama2-7b --batch 8 --checkpointing --optimizer adamw8bit \\
+        --no-bare --blocks 1 --steps 2 --warmup 1 --device cuda --precision bf16   # one 7B step
 
-Both loops train a copy of the same freshly built policy on the same synthetic batch (bench_model's, two cameras): the toolkit's
-``train_step`` (parameter groups, combined loss with per-term metrics, autocast, clipping, NaN
-check) and a plain ``AdamW`` + L1 loop. Blocks of steps alternate between the two so machine noise
-hits both alike; the table reports the median block. On CUDA it also reports MFU (FLOPs counted by
-``torch.utils.flop_counter`` for one step / the GPU's dense bf16 peak) and peak memory.
-Writes JSON to ``--out``.
+Both loops train the same freshly built policy (random weights; HF backbones given by directory
+contribute only their config.json) on the same synthetic batch (bench_model's, two cameras): the
+toolkit's ``train_step`` (parameter groups, combined loss with per-term metrics, autocast,
+clipping, device-side NaN skip, fused AdamW or the chosen optimizer) and a plain ``AdamW`` + L1
+loop on a deep copy (``--no-bare`` skips it, for models that do not fit twice). Blocks of steps
+alternate between the two so machine noise hits both alike; the table reports the median block.
+
+On CUDA: the toolkit's peak memory is measured in a phase of its own (after warm-up, before the
+bare copy exists: ``torch.cuda.max_memory_allocated`` minus what was allocated before the model),
+next to ``vla_ft.train.memory``'s plan for the same setting; MFU = FLOPs of one step (counted by
+``torch.utils.flop_counter``) x steps/s / the GPU's dense bf16 peak; tokens/s counts the
+language model's sequence (image tokens + state + instruction + chunk + readout). JSON to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -24,15 +36,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_model import synthetic_batch, synthetic_info  # noqa: E402
 
 from vla_ft import constants as K  # noqa: E402
-from vla_ft.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
+from vla_ft.config import Config, LossConfig, ModelConfig, TrainConfig  # noqa: E402
 from vla_ft.losses import ActionTaskLoss  # noqa: E402
-from vla_ft.models import load_vla, param_info  # noqa: E402
+from vla_ft.models import ModelDims, param_info  # noqa: E402
+from vla_ft.models.loading import build_policy  # noqa: E402
+from vla_ft.train.memory import GIB, estimate, setting_from_config  # noqa: E402
+from vla_ft.train.memory_arch import config_arch, data_tokens, describe, meta_policy  # noqa: E402
 from vla_ft.train.optim import build_optimizer, build_param_groups  # noqa: E402
 from vla_ft.train.step import autocast, resolve_device, resolve_precision, train_step  # noqa: E402
 
@@ -62,57 +78,95 @@ def step_flops(policy, batch) -> float:
     return float(counter.get_total_flops())
 
 
+def run_config(name: str, args) -> Config:
+    cfg = Config()
+    model = ModelConfig(
+        preset=name, vision=args.vision, language=args.language, gradient_checkpointing=args.checkpointing
+    )
+    grad_clip = 0.0 if args.optimizer_in_backward else 1.0
+    train = TrainConfig(
+        lr=1e-4, warmup_steps=0, steps=10**6, batch_size=args.batch, optimizer=args.optimizer,
+        optimizer_in_backward=args.optimizer_in_backward, grad_clip=grad_clip,
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, model=model, train=train)
+    cfg.data.instruction_max_tokens = args.instr_tokens
+    return cfg
+
+
 def bench_preset(name: str, args, device: torch.device, precision: str) -> dict:
     info = synthetic_info(args.image_size, args.chunk)
+    dims = ModelDims.from_info(info)
+    cfg = run_config(name, args)
     batch = synthetic_batch(info, args.batch, args.instr_tokens, device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
-    policy = load_vla(ModelConfig(preset=name), info).to(device)
+    with torch.device(device):
+        policy = build_policy(cfg.model, dims, arch=config_arch(cfg))
     policy.set_gradient_checkpointing(args.checkpointing)
-    bare = copy.deepcopy(policy)
-    tc = TrainConfig(lr=1e-4, warmup_steps=0, steps=10**6)
+    tc = cfg.train
     opt = build_optimizer(build_param_groups(policy, param_info(policy), tc), tc, device)
     loss_fn = ActionTaskLoss(LossConfig(), info.action_dim).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     amp = lambda: autocast(device, precision)  # noqa: E731
-    bare_opt = torch.optim.AdamW(bare.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def toolkit_step():
-        train_step(policy, loss_fn, [batch], opt, scaler, amp, 1.0)
+        train_step(policy, loss_fn, [batch], opt, scaler, amp, tc.grad_clip)
 
-    def bare_step():
-        bare_opt.zero_grad(set_to_none=True)
-        with amp():
-            out = bare(batch)
-            loss = F.l1_loss(out[K.OUT_ACTION].float(), batch[K.ACTION])
-            loss = loss + 0.1 * F.cross_entropy(out[K.OUT_TASK_LOGITS].float(), batch[K.TASK_ID])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
-        bare_opt.step()
-
-    for fn in (toolkit_step, bare_step):
-        for _ in range(args.warmup):
-            fn()
+    # the bare copy waits on the CPU while the toolkit's peak is measured (copied before any step:
+    # a trained module can hold non-leaf tensors that deepcopy refuses)
+    bare = None if args.no_bare else copy.deepcopy(policy).cpu()
+    for _ in range(args.warmup):
+        toolkit_step()
+    arch = describe(meta_policy(cfg, dims), data_tokens(cfg, dims))
+    plan = estimate(arch, setting_from_config(cfg, 1, precision))
+    row = {
+        "preset": name,
+        "params_m": arch.params / 1e6,
+        "batch": args.batch,
+        "tokens": arch.tokens["sequence"],
+    }
     if device.type == "cuda":
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times = {"toolkit": [], "bare": []}
+        for _ in range(args.steps):
+            toolkit_step()
+        sync(device)
+        row["peak_mem_gb"] = (torch.cuda.max_memory_allocated(device) - base) / GIB
+        row["plan_gb"] = plan.peak / GIB
+        row["peak_vs_plan"] = row["peak_mem_gb"] / row["plan_gb"]
+    loops = {"toolkit": toolkit_step}
+    if bare is not None:
+        bare = bare.to(device)
+        bare_opt = torch.optim.AdamW(bare.parameters(), lr=1e-4, fused=True)
+
+        def bare_step():
+            bare_opt.zero_grad(set_to_none=True)
+            with amp():
+                out = bare(batch)
+                loss = F.l1_loss(out[K.OUT_ACTION].float(), batch[K.ACTION])
+                loss = loss + 0.1 * F.cross_entropy(out[K.OUT_TASK_LOGITS].float(), batch[K.TASK_ID])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
+            bare_opt.step()
+
+        for _ in range(args.warmup):
+            bare_step()
+        loops["bare"] = bare_step
+    times = {label: [] for label in loops}
     for _ in range(args.blocks):
-        for label, fn in (("toolkit", toolkit_step), ("bare", bare_step)):
+        for label, fn in loops.items():
             sync(device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 fn()
             sync(device)
             times[label].append((time.perf_counter() - t0) / args.steps)
-    row = {
-        "preset": name,
-        "params_m": sum(p.numel() for p in policy.parameters()) / 1e6,
-        "batch": args.batch,
-        "toolkit_samples_s": args.batch / statistics.median(times["toolkit"]),
-        "bare_samples_s": args.batch / statistics.median(times["bare"]),
-    }
-    row["ratio"] = row["toolkit_samples_s"] / row["bare_samples_s"]
+    row["toolkit_samples_s"] = args.batch / statistics.median(times["toolkit"])
+    row["tokens_s"] = row["toolkit_samples_s"] * row["tokens"]
+    if "bare" in times:
+        row["bare_samples_s"] = args.batch / statistics.median(times["bare"])
+        row["ratio"] = row["toolkit_samples_s"] / row["bare_samples_s"]
     if device.type == "cuda":
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         flops = step_flops(policy, batch)
         gpu = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
@@ -125,6 +179,8 @@ def bench_preset(name: str, args, device: torch.device, precision: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny")
+    p.add_argument("--vision", default=None, help="timm model name overriding the preset's")
+    p.add_argument("--language", default=None, help="HF config dir / hub id overriding the preset's LM")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--instr-tokens", type=int, default=48)
@@ -136,6 +192,9 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    p.add_argument("--optimizer-in-backward", action="store_true", help="step in backward (no clipping)")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare loop (its copy doubles memory)")
     p.add_argument("--out", default="runs/bench/train.json")
     args = p.parse_args()
     if args.threads:
@@ -143,18 +202,23 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     rows = [bench_preset(name, args, device, precision) for name in args.presets.split(",")]
-    header = f"{'preset':<14}{'params(M)':>10}{'toolkit/s':>11}{'bare/s':>9}{'ratio':>7}"
+    header = (
+        f"{'preset':<14}{'params(M)':>10}{'tokens':>7}{'toolkit/s':>11}{'tok/s':>10}{'bare/s':>9}{'ratio':>7}"
+    )
     if device.type == "cuda":
-        header += f"{'mem(GB)':>9}{'TFLOP/step':>11}{'MFU':>7}"
+        header += f"{'peak GiB':>9}{'plan GiB':>9}{'meas/plan':>10}{'TFLOP/step':>11}{'MFU':>7}"
     print(f"device={device} precision={precision} batch={args.batch} image={args.image_size}px")
     print(header)
     for r in rows:
         line = (
-            f"{r['preset']:<14}{r['params_m']:>10.2f}{r['toolkit_samples_s']:>11.1f}"
-            f"{r['bare_samples_s']:>9.1f}{r['ratio']:>7.3f}"
+            f"{r['preset']:<14}{r['params_m']:>10.2f}{r['tokens']:>7}{r['toolkit_samples_s']:>11.1f}"
+            f"{r['tokens_s']:>10.0f}{r.get('bare_samples_s', float('nan')):>9.1f}{r.get('ratio', float('nan')):>7.3f}"
         )
         if device.type == "cuda":
-            line += f"{r['peak_mem_gb']:>9.2f}{r['tflop_per_step']:>11.3f}{r.get('mfu', float('nan')):>7.1%}"
+            line += (
+                f"{r['peak_mem_gb']:>9.2f}{r['plan_gb']:>9.2f}{r['peak_vs_plan']:>10.3f}"
+                f"{r['tflop_per_step']:>11.3f}{r.get('mfu', float('nan')):>7.1%}"
+            )
         print(line)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -272,14 +272,15 @@ def _hf_config_dict(spec: str, key: str) -> dict[str, Any]:
     return {"model_type": config.model_type, **config.to_diff_dict()}
 
 
-def meta_policy(cfg: Config, dims: Any) -> nn.Module:
-    """``cfg.model`` built on the meta device with ``dims`` (a ``ModelDims``); no weights read."""
+def config_arch(cfg: Config) -> dict[str, Any]:
+    """The architecture dict ``build_policy`` takes, without reading any weights: a checkpoint of
+    ours gives its saved architecture; HF backbones named by directory or hub id give their
+    config.json (so ``build_policy(..., arch=...)`` builds them with random weights)."""
     import json
 
-    from vla_ft.models.loading import build_policy, resolve_arch
+    from vla_ft.models.loading import resolve_arch
 
-    model_cfg = dataclasses.replace(cfg.model, pretrained=None, vision_pretrained=None)
-    if cfg.model.pretrained is not None:  # a checkpoint of ours: its architecture
+    if cfg.model.pretrained is not None:
         from vla_ft.train.finetune import resolve_pretrained
 
         meta_file = Path(resolve_pretrained(cfg.model.pretrained)) / "config.json"
@@ -288,13 +289,21 @@ def meta_policy(cfg: Config, dims: Any) -> nn.Module:
                 f"model.pretrained={cfg.model.pretrained!r}: no config.json there to plan from; give a local "
                 f"checkpoint directory, or plan the architecture with model.pretrained=null model.preset=..."
             )
-        arch = json.loads(meta_file.read_text())["arch"]
-    else:
-        arch = resolve_arch(model_cfg)
-        if arch["kind"] == "vlm" and isinstance(arch["vlm"], str):
-            arch["vlm"] = _hf_config_dict(arch["vlm"], "model.vlm")
-        if arch["kind"] == "native" and isinstance(arch["language"], str):
-            arch["language"] = _hf_config_dict(arch["language"], "model.language")
+        return json.loads(meta_file.read_text())["arch"]
+    arch = resolve_arch(dataclasses.replace(cfg.model, vision_pretrained=None))
+    if arch["kind"] == "vlm" and isinstance(arch["vlm"], str):
+        arch["vlm"] = _hf_config_dict(arch["vlm"], "model.vlm")
+    if arch["kind"] == "native" and isinstance(arch["language"], str):
+        arch["language"] = _hf_config_dict(arch["language"], "model.language")
+    return arch
+
+
+def meta_policy(cfg: Config, dims: Any) -> nn.Module:
+    """``cfg.model`` built on the meta device with ``dims`` (a ``ModelDims``); no weights read."""
+    from vla_ft.models.loading import build_policy
+
+    model_cfg = dataclasses.replace(cfg.model, pretrained=None, vision_pretrained=None)
+    arch = config_arch(cfg)
     with torch.device("meta"):
         policy = build_policy(model_cfg, dims, arch=arch)
     policy.train()
