@@ -72,11 +72,15 @@ def test_keypoints_are_expected_coordinates():
     torch.testing.assert_close(sm(feats)[0, 0], torch.tensor([1.0, -0.5]), atol=1e-3, rtol=0)
 
 
-def test_keypoint_token_is_added_per_image():
-    plain = _policy({})
-    kp = _policy({"keypoints": 4})
+def test_keypoint_tokens_are_added_per_image():
+    off = {"film": False, "keypoints": 0}
+    plain = _policy(off)
+    one = _policy({**off, "keypoints": 4, "keypoint_tokens": False})  # one token for all keypoints
+    each = _policy({**off, "keypoints": 4, "keypoint_tokens": True})  # one token per keypoint
     x = torch.rand(2, 3, 32, 32)
-    assert kp.backbone.vision(x).shape[1] == plain.backbone.vision(x).shape[1] + 1
+    n = plain.backbone.vision(x).shape[1]
+    assert one.backbone.vision(x).shape[1] == n + 1
+    assert each.backbone.vision(x).shape[1] == n + 4
 
 
 def test_deep_copy_uses_its_own_film_weights():
