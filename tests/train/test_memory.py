@@ -93,6 +93,13 @@ def test_plan_arithmetic_per_setting():
     assert est(optimizer_in_backward=True).gradients == 0
     assert est(checkpointing=True).activations < 0.5 * base.activations
     assert est(micro_batch=8).peak < base.peak
+    # a model built with checkpointing on plans the same as the setting flipped on afterwards
+    _, built_on = M.plan_config(_cfg("tiny", True, batch=16), 1, "bf16", dims=ModelDims.from_info(_info()))
+    arch_off, _ = M.plan_config(_cfg("tiny", False, batch=16), 1, "bf16", dims=ModelDims.from_info(_info()))
+    flipped = M.estimate(arch_off, dataclasses.replace(built_on.setting))
+    assert built_on.activations == pytest.approx(flipped.activations) and built_on.peak == pytest.approx(
+        flipped.peak
+    )
 
 
 def test_seven_billion_plan_needs_the_savers_on_one_80gb_gpu(tmp_path):

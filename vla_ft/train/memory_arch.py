@@ -155,10 +155,11 @@ def describe(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
         cond = torch.zeros(1, d, device="meta") if getattr(bb, "conditions_vision", False) else None
         image = torch.zeros(1, 3, size, size, device="meta")
         run = lambda: vision(image, cond) if cond is not None else vision(image)  # noqa: E731
+        vision.set_gradient_checkpointing(False)  # the policy may have been built with it on
         v_acts, feats = saved_bytes(run, vision_params)
         vision.set_gradient_checkpointing(True)
         v_ckpt, _ = saved_bytes(run, vision_params)
-        vision.set_gradient_checkpointing(False)
+        vision.set_gradient_checkpointing(bool(policy.cfg.gradient_checkpointing))
         image_tokens = int(feats.shape[1])
         p_acts, _ = saved_bytes(
             lambda: bb.projector(feats.detach().requires_grad_()), list(bb.projector.parameters())
