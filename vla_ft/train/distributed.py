@@ -170,9 +170,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def wrap_model(
-    policy: nn.Module, ctx: DistContext, precision: str, cpu_offload: bool = False
-) -> nn.Module:
+def wrap_model(policy: nn.Module, ctx: DistContext, precision: str, cpu_offload: bool = False) -> nn.Module:
     """DDP- or FSDP2-wrap ``policy`` (already on ``ctx.device``, identical on every rank).
 
     Returns the module the training step calls: a ``DistributedDataParallel`` around ``policy`` for
@@ -182,9 +180,7 @@ def wrap_model(
         if ctx.device.type == "cuda":
             policy = nn.SyncBatchNorm.convert_sync_batchnorm(policy)
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(
-            policy, device_ids=ids, gradient_as_bucket_view=True
-        )
+        return nn.parallel.DistributedDataParallel(policy, device_ids=ids, gradient_as_bucket_view=True)
     if ctx.mode != "fsdp":
         return policy
     from torch.distributed.device_mesh import init_device_mesh

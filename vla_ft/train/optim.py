@@ -167,9 +167,7 @@ class InBackwardAdamW(torch.optim.AdamW):
         self._loss_bad: torch.Tensor | None = None
         self._sq_sum: torch.Tensor | None = None
         self._handles = [
-            p.register_post_accumulate_grad_hook(self._step_param)
-            for p in self._group_of
-            if p.requires_grad
+            p.register_post_accumulate_grad_hook(self._step_param) for p in self._group_of if p.requires_grad
         ]
 
     def begin(self, loss: torch.Tensor) -> None:
