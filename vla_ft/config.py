@@ -427,6 +427,8 @@ class TrainConfig:
                 ("train.grad_clip", self.grad_clip == 0, "set train.grad_clip=0 (needs the global norm)"),
                 ("train.parallel", self.parallel == "none", "set train.parallel=none"),
                 ("train.optimizer", self.optimizer == "adamw", "use train.optimizer=adamw"),
+                ("train.precision", self.precision != "fp16", "use bf16 or fp32 (fp16 needs a grad scaler)"),
+                ("train.unfreeze_steps", self.unfreeze_steps == 0, "set train.unfreeze_steps=0"),
             ):
                 if not ok:
                     raise ConfigError(
