@@ -2,7 +2,9 @@
 
 Every backbone (this one and :class:`vla_ft.models.vlm.VLMBackbone`) offers the same interface to
 the policy: ``encode_images``, ``embed_tokens``, ``forward``, ``hidden_size``, ``depths`` and
-``set_gradient_checkpointing``.
+``set_gradient_checkpointing``. A backbone with ``conditions_vision = True`` (this one with
+``film``) also offers ``encode_text(ids, mask)``, and the policy passes its output to
+``encode_images(images, cond)`` (FiLM).
 """
 
 from __future__ import annotations
