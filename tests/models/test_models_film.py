@@ -147,3 +147,19 @@ def test_film_needs_a_cnn_with_stages():
             ),
             make_info(),
         )
+
+
+def test_deep_copy_and_pickle_after_a_training_forward():
+    """The stored gamma/beta are non-leaf tensors after a forward with grad: copies start empty."""
+    import pickle
+
+    policy = _policy()
+    batch = make_batch(make_info())
+    simple_loss(policy(batch), batch).backward()
+    clone = copy.deepcopy(policy)
+    restored = pickle.loads(pickle.dumps(policy))
+    policy.eval(), clone.eval(), restored.eval()
+    with torch.no_grad():
+        ref = policy(batch)[C.OUT_ACTION]
+        torch.testing.assert_close(clone(batch)[C.OUT_ACTION], ref)
+        torch.testing.assert_close(restored(batch)[C.OUT_ACTION], ref)

@@ -159,7 +159,8 @@ class TimmVisionEncoder(nn.Module):
                 raise ValueError("this vision encoder is FiLM-conditioned: pass cond (N, film_dim)")
             for stage, layer in zip(self._film_stages, self.film, strict=True):
                 # read by _apply_film; kept on the stage module itself so copies (EMA) use their own
-                self.model.get_submodule(stage).vla_film = layer(cond.to(images.dtype)).chunk(2, dim=-1)
+                gamma, beta = layer(cond.to(images.dtype)).chunk(2, dim=-1)
+                self.model.get_submodule(stage).vla_film = _FilmParams(gamma, beta)
         x = (images - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -198,6 +199,25 @@ class TimmVisionEncoder(nn.Module):
         return depth, max(depth.values()) + 1
 
 
+class _FilmParams:
+    """gamma/beta of the last forward, kept on a hooked stage module.
+
+    They are non-leaf tensors after a training forward, which ``copy.deepcopy`` refuses; a copy
+    (EMA, LoRA merge, benchmarks) or a pickle of the model starts with an empty slot instead.
+    """
+
+    __slots__ = ("gamma", "beta")
+
+    def __init__(self, gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None) -> None:
+        self.gamma, self.beta = gamma, beta
+
+    def __deepcopy__(self, memo: dict) -> _FilmParams:
+        return _FilmParams()
+
+    def __reduce__(self) -> tuple:
+        return (_FilmParams, ())
+
+
 def _apply_film(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
     """Forward hook of a FiLM-conditioned CNN stage: ``out * (1 + gamma) + beta`` per channel.
 
@@ -205,8 +225,8 @@ def _apply_film(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor
     stage modules. gamma/beta are set by ``TimmVisionEncoder.forward`` and not cleared: activation
     checkpointing re-runs the stage in backward with the same tensors.
     """
-    gamma, beta = module.vla_film
-    return out * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+    film = module.vla_film
+    return out * (1.0 + film.gamma[:, :, None, None]) + film.beta[:, :, None, None]
 
 
 def _film_stages(model: nn.Module, name: str) -> list[tuple[str, int]]:
