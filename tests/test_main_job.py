@@ -114,3 +114,30 @@ def test_main_job_end_to_end_and_the_base_zero_shot_on_the_same_episodes(tmp_pat
     assert [e["instruction"] for e in tuned["episodes"]] == [e["instruction"] for e in zero["episodes"]]
     assert summary["eval"]["success_rate"] == tuned["overall"]["success_rate"]
     assert zero["manifest"]["checkpoint_sha256"] == file_sha256(BASE / "model.safetensors")
+
+
+def test_export_copies_the_checkpoint_with_a_card_and_replaces_an_old_export(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests" / "models"))
+    from model_helpers import make_info
+
+    from vla_ft.config import ModelConfig
+    from vla_ft.models import load_vla
+    from vla_ft.train.export import export_run
+
+    torch.manual_seed(0)
+    ckpt = load_vla(ModelConfig(preset="tiny"), make_info()).save_pretrained(tmp_path / "run" / "step_1")
+    (ckpt / "training_state").mkdir()
+    cfg = load_config("pick_place.yaml", [f"data.paths=[{tmp_path}/missing.hdf5]"])
+    summary = {"steps": 1, "val_loss": {"best": 0.5, "final": 0.5}, "eval": None, "params": {}}
+    out = tmp_path / "export" / "base"
+    out.mkdir(parents=True)
+    (out / "stale.txt").write_text("old export")
+    export_run(cfg, tmp_path / "run", ckpt, summary, out)
+    assert not (out / "stale.txt").exists() and not (out / "training_state").exists()
+    assert not list(out.parent.glob(".base.*"))  # no temporary dirs left behind
+    card = json.loads((out / "card.json").read_text())
+    assert card["weights_sha256"] == file_sha256(out / "model.safetensors")
+    assert card["summary"] == summary and card["versions"]["torch"]
+    assert "Validation loss: best 0.5000" in (out / "README.md").read_text()

@@ -24,6 +24,13 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def package_versions() -> dict[str, str | None]:
+    """Python and the versions of the packages that decide results (PACKAGES)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    versions.update({pkg: _version(pkg) for pkg in PACKAGES})
+    return versions
+
+
 def git_commit() -> str | None:
     """HEAD of the repository holding this package, with ``+dirty`` when the tree has changes."""
     try:
@@ -85,10 +92,8 @@ def build_manifest(
     """
     if max_steps is None:
         max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
-    versions = {"python": platform.python_version()}
-    versions.update({pkg: _version(pkg) for pkg in PACKAGES})
     return {
-        "versions": versions,
+        "versions": package_versions(),
         "git_commit": git_commit(),
         "command": sys.argv,
         "policy": policy_name,

@@ -161,12 +161,17 @@ def _read_meta(path: Path) -> dict[str, Any]:
         )
     if not (path / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{path}: no {WEIGHTS_FILE}; the checkpoint is incomplete, re-save it")
+    return read_format_json(cfg_file, FORMAT)
+
+
+def read_format_json(file: Path, fmt: str) -> dict[str, Any]:
+    """A JSON metadata file whose ``format`` field must be ``fmt`` (one CheckpointError otherwise)."""
     try:
-        meta = json.loads(cfg_file.read_text())
+        meta = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file}: format={meta.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{file}: format={meta.get('format')!r}, expected {fmt!r}")
     return meta
 
 

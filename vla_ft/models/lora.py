@@ -36,6 +36,7 @@ from torch import nn
 
 from vla_ft.config import LoraConfig
 from vla_ft.errors import CheckpointError, ConfigError
+from vla_ft.models.loading import read_format_json
 from vla_ft.models.params import count_parameters
 from vla_ft.models.policy import VLAPolicy
 
@@ -174,13 +175,7 @@ def read_lora_meta(ckpt: str | Path) -> dict[str, Any] | None:
     meta_file = Path(ckpt) / LORA_DIR / LORA_META
     if not meta_file.is_file():
         return None
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{meta_file}: not valid JSON ({exc})") from None
-    if meta.get("format") != LORA_FORMAT:
-        raise CheckpointError(f"{meta_file}: format={meta.get('format')!r}, expected {LORA_FORMAT!r}")
-    return meta
+    return read_format_json(meta_file, LORA_FORMAT)
 
 
 def _check_resume(cfg: LoraConfig, resume: Path | None) -> dict[str, Any] | None:

@@ -9,7 +9,6 @@ sibling directory and renamed over the target, so a crash never leaves a half-wr
 from __future__ import annotations
 
 import json
-import platform
 import shlex
 import shutil
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from vla_ft.config import Config, config_to_dict
-from vla_ft.eval.report import PACKAGES, _version, file_sha256, git_commit
+from vla_ft.eval.report import file_sha256, git_commit, package_versions
 
 CARD_FILE, CARD_JSON = "README.md", "card.json"
 
@@ -51,8 +50,6 @@ def _data_facts(cfg: Config) -> dict[str, Any]:
 
 def build_card(cfg: Config, run_dir: Path, ckpt: Path, summary: dict[str, Any]) -> dict[str, Any]:
     """Every fact the model card states, as plain JSON values."""
-    versions = {"python": platform.python_version()}
-    versions.update({pkg: _version(pkg) for pkg in PACKAGES})
     return {
         "name": cfg.name,
         "command": shlex.join(["python", *sys.argv]) if sys.argv else None,
@@ -63,7 +60,7 @@ def build_card(cfg: Config, run_dir: Path, ckpt: Path, summary: dict[str, Any]) 
         "seed": cfg.seed,
         "data": _data_facts(cfg),
         "summary": summary,
-        "versions": versions,
+        "versions": package_versions(),
         "config": config_to_dict(cfg),
     }
 

@@ -284,25 +284,22 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
         write_plots(run_dir)
     wall_s = time.perf_counter() - t_start
     vals = [h["val_loss"] for h in result.history if "val_loss" in h]
-    write_summary(
-        run_dir,
-        {
-            "steps": result.step,
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "precision": precision,
-            "parallel": {"mode": cfg.train.parallel, "world_size": ctx.world_size},
-            "params": {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total},
-            "lora": dataclasses.asdict(cfg.model.lora) if cfg.model.lora.r else None,
-            "timing": {"train_s": train_s, "eval_s": eval_s, "total_s": wall_s},
-            "memory": peak_memory_mb(device),
-            "val_loss": {"final": vals[-1] if vals else None, "best": min(vals) if vals else None},
-            "eval": final,
-        },
-    )
+    summary = {
+        "steps": result.step,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "precision": precision,
+        "parallel": {"mode": cfg.train.parallel, "world_size": ctx.world_size},
+        "params": {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total},
+        "lora": dataclasses.asdict(cfg.model.lora) if cfg.model.lora.r else None,
+        "timing": {"train_s": train_s, "eval_s": eval_s, "total_s": wall_s},
+        "memory": peak_memory_mb(device),
+        "val_loss": {"final": vals[-1] if vals else None, "best": min(vals) if vals else None},
+        "eval": final,
+    }
+    write_summary(run_dir, summary)
     if cfg.train.export_dir:
         from vla_ft.train.export import export_run
 
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
         export_run(cfg, run_dir, (run_dir / "best").resolve(), summary, cfg.train.export_dir)
     return FinetuneResult(run_dir, result, final, wall_s)
