@@ -8,6 +8,7 @@ the env state vector, so a stored state restores the instruction too.
 |------------|---------------------------------------------|------------------------------------------|
 | pick_place | put the red cube in the blue bowl           | cube inside the bowl, released            |
 | reach      | move the gripper above the green cylinder   | tcp within 2.5 cm of a point 6 cm above   |
+|            | (any cube, the cylinder or a bowl)          | the object (a bowl: above its base)       |
 | lift       | pick up the yellow cube                     | object centre above 10 cm, held           |
 | push       | push the blue cube to the left              | cube moved >= 8 cm that way (image left) |
 | stack      | stack the red cube on the green cube        | cube resting on the other, released       |
@@ -104,7 +105,9 @@ class Reach(Task):
     offset = np.array([0.0, 0.0, 0.06])
 
     def sample_goal(self, layout, rng):
-        return Goal(_pick(rng, MOVABLE), -1, 0, self._template(rng))
+        # bowls too: the suite's only task that names a bowl, so a base pretrained without
+        # pick_place still grounds "the <color> bowl" (docs/training.md)
+        return Goal(_pick(rng, MOVABLE + BOWLS), -1, 0, self._template(rng))
 
     def success(self, sim, layout, goal):
         return bool(np.linalg.norm(sim.tcp() - (sim.pos(goal.src_slot) + self.offset)) < 0.025)

@@ -108,3 +108,21 @@ def test_loss_is_differentiable():
     loss, _ = ActionTaskLoss(LossConfig(), 4)(out, batch)
     loss.backward()
     assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in out.values())
+
+
+def test_waypoint_term_is_smooth_l1_and_needs_targets():
+    out, batch = _batch()
+    g = torch.Generator().manual_seed(3)
+    out[K.OUT_WAYPOINT] = torch.randn(3, 3, generator=g) * 2
+    batch[K.WAYPOINT] = torch.randn(3, 3, generator=g)
+    cfg = LossConfig(w_action=0.0, w_task=2.0, task_terms={"waypoint": 3.0})
+    loss, m = ActionTaskLoss(cfg, action_dim=4)(out, batch)
+    d = (out[K.OUT_WAYPOINT] - batch[K.WAYPOINT]).abs()
+    expected = torch.where(d < 1, 0.5 * d**2, d - 0.5).mean()
+    torch.testing.assert_close(m["loss/task_waypoint"], expected)
+    torch.testing.assert_close(loss, 2.0 * 3.0 * expected)
+    del batch[K.WAYPOINT]
+    with pytest.raises(ConfigError, match="waypoint.*data.waypoint_key"):
+        ActionTaskLoss(cfg, action_dim=4)(out, batch)
+    with pytest.raises(ConfigError, match="task_id, progress, waypoint"):
+        LossConfig(task_terms={"where": 1.0})

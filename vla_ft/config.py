@@ -83,6 +83,9 @@ class DataConfig:
     num_workers: int = 0
     bad_demos: Literal["error", "skip"] = "error"  # NaN/Inf actions: fail, or skip with a warning
     collect_if_missing: bool = False  # run demo collection when data.paths[0] does not exist
+    # end-effector position state key for the `waypoint` task term (auto: the first state key named
+    # like ee_pos / eef_pos; null: none). The gripper command is the last action dimension.
+    waypoint_key: str | None = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -314,10 +317,10 @@ class LossConfig:
             )
         for name, w in self.task_terms.items():
             _check(
-                name in ("task_id", "progress"),
+                name in ("task_id", "progress", "waypoint"),
                 "loss.task_terms",
                 name,
-                "use task terms from: task_id, progress",
+                "use task terms from: task_id, progress, waypoint",
             )
             _check(w >= 0, f"loss.task_terms.{name}", w, "use a weight >= 0")
 

@@ -12,12 +12,17 @@ Inputs (written by ``vla_ft.data``, read by ``vla_ft.models``/``vla_ft.losses``)
     ACTION_IS_PAD   bool   (B, H)              True where t+h is past the episode end
     TASK_ID         int64  (B,)                index into the dataset's task list
     PROGRESS        float32 (B,)               t / (T_episode - 1) in [0, 1]
+    WAYPOINT        float32 (B, 3)             where the end effector is at the next gripper
+                                               open/close (or the episode end) minus where it is
+                                               now, per axis / its training std; only when the
+                                               data has an end-effector position (data.waypoint_key)
 
 Outputs (written by ``VLAPolicy.forward``):
     OUT_ACTION        float32 (B, H, A)        predicted chunk (normalized units)
     OUT_ACTION_LOGITS float32 (B, H, A, NB)    binned-action head only
     OUT_TASK_LOGITS   float32 (B, NT)          task-id classification
     OUT_PROGRESS      float32 (B,)             progress regression
+    OUT_WAYPOINT      float32 (B, 3)           next-waypoint regression (same units as WAYPOINT)
     OUT_HIDDEN        float32 (B, N, D)        final hidden states (optional)
 """
 
@@ -29,13 +34,15 @@ ACTION = "action"
 ACTION_IS_PAD = "action.is_pad"
 TASK_ID = "task.id"
 PROGRESS = "task.progress"
+WAYPOINT = "task.waypoint"
 
-INPUT_KEYS = (IMAGES, STATE, INSTR_IDS, INSTR_MASK, ACTION, ACTION_IS_PAD, TASK_ID, PROGRESS)
+INPUT_KEYS = (IMAGES, STATE, INSTR_IDS, INSTR_MASK, ACTION, ACTION_IS_PAD, TASK_ID, PROGRESS, WAYPOINT)
 
 OUT_ACTION = "pred.action"
 OUT_ACTION_LOGITS = "pred.action_logits"
 OUT_TASK_LOGITS = "pred.task_logits"
 OUT_PROGRESS = "pred.progress"
+OUT_WAYPOINT = "pred.waypoint"
 OUT_HIDDEN = "pred.hidden"
 
 # Module names used for parameter-group metadata (discriminative / layer-wise learning rates).

@@ -11,7 +11,9 @@ Action terms work in normalized action units (the units the policy predicts in):
 * binned heads: cross-entropy (with label smoothing) over ``n_bins`` uniform bins on
   ``[bin_low, bin_high]``; targets outside the range fall into the edge bins.
 
-Task terms (a registry): ``task_id`` cross-entropy and ``progress`` regression (MSE).
+Task terms (a registry): ``task_id`` cross-entropy, ``progress`` regression (MSE) and ``waypoint``
+regression (smooth L1 on the next gripper-toggle position relative to the hand, in training-std
+units; needs an end-effector position in the data, see ``data.waypoint_key``).
 """
 
 from __future__ import annotations
@@ -73,9 +75,22 @@ def progress_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor], label_sm
     return F.mse_loss(outputs[K.OUT_PROGRESS].float(), batch[K.PROGRESS].float())
 
 
+def waypoint_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
+    """Smooth L1 of the next-waypoint regressor: OUT_WAYPOINT (B, 3) vs WAYPOINT (B, 3)."""
+    del label_smoothing
+    if K.WAYPOINT not in batch:
+        raise ConfigError(
+            "loss.task_terms has 'waypoint' but the batches carry no waypoint target: the data has no "
+            "end-effector position state key (data.waypoint_key); set data.waypoint_key to the key of "
+            "the hand position, or remove 'waypoint' from loss.task_terms"
+        )
+    return F.smooth_l1_loss(outputs[K.OUT_WAYPOINT].float(), batch[K.WAYPOINT].float())
+
+
 TASK_TERMS: dict[str, Callable[[dict[str, Tensor], dict[str, Tensor], float], Tensor]] = {
     "task_id": task_id_loss,
     "progress": progress_loss,
+    "waypoint": waypoint_loss,
 }
 
 

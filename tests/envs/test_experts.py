@@ -69,3 +69,25 @@ def test_instructions_vary_with_seed():
     env.close()
     assert len(instructions) >= 10
     assert all(" cube " in i and i.endswith(" bowl") for i in instructions)
+
+
+def test_reach_names_bowls_too_and_the_expert_gets_there(rollout):
+    """Reach is the suite's task that grounds "the <color> bowl" (pick_place stays out of pretraining)."""
+    env = envs.make("reach", render=False)
+    expert = envs.make_expert(env)
+    bowl_seeds = [s for s in range(60) if env.reset(seed=s)[1]["instruction"].endswith(" bowl")]
+    assert len(bowl_seeds) >= 8  # 2 of the 6 slots are bowls
+    assert all(rollout(env, expert, s)[0]["is_success"] for s in bowl_seeds[:8])
+    env.close()
+
+
+def test_expert_commands_are_proportional_not_bang_bang(rollout):
+    """GAIN < 1: most xyz commands lie strictly inside (-1, 1), so they say how far the target is."""
+    from envs.experts import GAIN
+
+    env = envs.make("pick_place", render=False)
+    expert = envs.make_expert(env)
+    acts = np.concatenate([np.array(rollout(env, expert, s)[1]) for s in range(10)])[:, :3]
+    env.close()
+    moving = np.abs(acts) > 0.01
+    assert GAIN < 1 and (np.abs(acts[moving]) > 0.99).mean() < 0.35

@@ -77,4 +77,6 @@ def simple_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) ->
     if C.OUT_ACTION_LOGITS in out:
         loss = loss + out[C.OUT_ACTION_LOGITS].logsumexp(-1).mean() * 0.01
     loss = loss + torch.nn.functional.cross_entropy(out[C.OUT_TASK_LOGITS], batch[C.TASK_ID])
+    if C.OUT_WAYPOINT in out:
+        loss = loss + out[C.OUT_WAYPOINT].pow(2).mean() * 0.1
     return loss + (out[C.OUT_PROGRESS] - batch[C.PROGRESS]).pow(2).mean()

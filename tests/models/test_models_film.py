@@ -118,6 +118,7 @@ def test_gradient_checkpointing_with_film_same_gradients():
     batch = make_batch(make_info())
     simple_loss(policy(batch), batch).backward()
     ref = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    assert ref["state_film.weight"].abs().sum() > 0  # the state reaches the CNN through FiLM
     policy.zero_grad()
     policy.set_gradient_checkpointing(True)
     simple_loss(policy(batch), batch).backward()
@@ -163,3 +164,48 @@ def test_deep_copy_and_pickle_after_a_training_forward():
         ref = policy(batch)[C.OUT_ACTION]
         torch.testing.assert_close(clone(batch)[C.OUT_ACTION], ref)
         torch.testing.assert_close(restored(batch)[C.OUT_ACTION], ref)
+
+
+def test_state_joins_the_film_condition():
+    """The proprio state (gripper open or holding) steers the CNN too; zero-init: no effect at first."""
+    policy = _policy().eval()
+    assert policy.state_film is not None
+    batch = make_batch(make_info())
+    n_img = policy.backbone.vision(
+        batch[C.IMAGES][:1, 0, 0].float() / 255, torch.zeros(1, policy.backbone.hidden_size)
+    ).shape[1] * len(make_info().image_keys)
+    moved = dict(batch, **{C.STATE: batch[C.STATE] + 1.0})
+    _randomize_film(policy)
+    # the image tokens come before the state token: only FiLM can carry the state into them
+    torch.testing.assert_close(
+        _image_tokens(policy, moved, batch[C.INSTR_IDS])[:, :n_img],
+        _image_tokens(policy, batch, batch[C.INSTR_IDS])[:, :n_img],
+    )
+    with torch.no_grad():
+        policy.state_film.weight.normal_(0, 0.5)
+    a = _image_tokens(policy, moved, batch[C.INSTR_IDS])[:, :n_img]
+    b = _image_tokens(policy, batch, batch[C.INSTR_IDS])[:, :n_img]
+    assert (a - b).abs().max() > 1e-3
+    info = param_info(policy)
+    assert info["state_film.weight"].module == C.MODULE_PROJECTOR
+
+
+def test_checkpoint_from_before_state_film_and_waypoint_head_loads(tmp_path, caplog):
+    """Older checkpoints lack state_film and task_head.waypoint: both keep their init, with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    policy = _policy()
+    _randomize_film(policy)
+    policy.eval().save_pretrained(tmp_path / "ckpt")
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    old = {k: v for k, v in tensors.items() if not k.startswith(("state_film.", "task_head.waypoint."))}
+    assert len(old) < len(tensors)
+    save_file(old, tmp_path / "ckpt" / "model.safetensors")
+    with caplog.at_level("WARNING"):
+        loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt").eval()
+    assert "state_film.weight" in caplog.text and "task_head.waypoint" in caplog.text
+    assert not loaded.state_film.weight.any()  # zero-init: behaves as the old model did
+    batch = make_batch(make_info())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)[C.OUT_ACTION], policy(batch)[C.OUT_ACTION])
+        assert loaded(batch)[C.OUT_WAYPOINT].shape == (batch[C.STATE].shape[0], 3)

@@ -41,6 +41,7 @@ class DatasetInfo:
     num_val_demos: int
     num_train_samples: int
     instructions: list[str] | None = None  # distinct instructions (train + val)
+    waypoint_key: str | None = None  # state key the WAYPOINT targets come from (None: no targets)
 
     def obs_spec(self) -> ObsSpec:
         """The ObsSpec the policy uses at inference (same as the dataset's)."""
@@ -105,6 +106,39 @@ def _check_compatible(scans: list[FileScan], cfg: DataConfig) -> None:
             )
 
 
+WAYPOINT_KEY_NAMES = ("ee_pos", "eef_pos")
+
+
+def _waypoint_dims(
+    cfg: DataConfig, spec: ObsSpec, state_dims: tuple[int, ...]
+) -> tuple[str | None, slice | None]:
+    """(key, state columns) of the end-effector position used for WAYPOINT targets, or (None, None)."""
+    keys = list(spec.state_keys)
+    if cfg.waypoint_key is None:
+        return None, None
+    if cfg.waypoint_key == "auto":
+        found = [k for k in keys if k.endswith(WAYPOINT_KEY_NAMES)]
+        if not found:
+            return None, None
+        key = found[0]
+    else:
+        key = cfg.waypoint_key
+        if key not in keys:
+            raise DataError(
+                f"data.waypoint_key={key!r} is not a state key (state keys: {keys}); name one of them, "
+                f"or set data.waypoint_key=null"
+            )
+    i = keys.index(key)
+    if state_dims[i] != 3:
+        if cfg.waypoint_key == "auto":
+            return None, None
+        raise DataError(
+            f"data.waypoint_key={key!r} has {state_dims[i]} dims; it must be a 3-D end-effector position"
+        )
+    lo = int(sum(state_dims[:i]))
+    return key, slice(lo, lo + 3)
+
+
 def _tokenize(tokenizer: Any, texts: list[str], max_len: int) -> Tokens:
     enc = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
     return Tokens(enc["input_ids"].long(), enc["attention_mask"].long())
@@ -167,9 +201,21 @@ def build_trajectory_datasets(
         tokens=tokens,
         cache_images=cache,
     )
-    train = TrajectoryDataset(demos=[tr for tr, _ in splits], file_weights=data_cfg.weights, **common)
+    wp_key, wp_dims = _waypoint_dims(data_cfg, spec, scans[0].state_dims)
+    train = TrajectoryDataset(
+        demos=[tr for tr, _ in splits], file_weights=data_cfg.weights, waypoint_dims=wp_dims, **common
+    )
     has_val = any(va for _, va in splits)
-    val = TrajectoryDataset(demos=[va for _, va in splits], **common) if has_val else None
+    val = (
+        TrajectoryDataset(
+            demos=[va for _, va in splits],
+            waypoint_dims=wp_dims,
+            waypoint_scale=train.waypoint_scale,
+            **common,
+        )
+        if has_val
+        else None
+    )
     info = DatasetInfo(
         action_dim=int(train.actions.shape[1]),
         state_dim=int(train.state.shape[1]),
@@ -184,6 +230,7 @@ def build_trajectory_datasets(
         num_val_demos=val.num_demos if val is not None else 0,
         num_train_samples=len(train),
         instructions=instructions,
+        waypoint_key=wp_key,
     )
     return train, val, info
 

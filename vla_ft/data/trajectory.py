@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from vla_ft.constants import ACTION, ACTION_IS_PAD, INSTR_IDS, INSTR_MASK, PROGRESS, TASK_ID
+from vla_ft.constants import ACTION, ACTION_IS_PAD, INSTR_IDS, INSTR_MASK, PROGRESS, TASK_ID, WAYPOINT
 from vla_ft.data.normalize import Normalizer
 from vla_ft.data.reader import FileScan, open_h5_handle, read_frames
 from vla_ft.data.sampler import ResumableSampler
@@ -30,6 +30,30 @@ from vla_ft.data.transforms import ObsSpec, obs_to_inputs
 from vla_ft.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+def next_waypoints(ee: np.ndarray, gripper: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per frame, where the hand is at the next gripper open/close, relative to where it is now.
+
+    Args:
+        ee: float (N, 3) end-effector positions of consecutive demos (concatenated).
+        gripper: float (N,) gripper commands (sign = open/close, as in robomimic, LIBERO and envs/).
+        lengths: (D,) demo lengths summing to N.
+
+    Returns:
+        float (N, 3): ``ee[k] - ee[t]`` with ``k`` the first frame after ``t`` whose gripper command
+        differs in sign from its predecessor's, or the demo's last frame when none follows.
+    """
+    out = np.zeros_like(ee, dtype=np.float64)
+    start = 0
+    for n in np.asarray(lengths, dtype=np.int64):
+        e, closed = ee[start : start + n].astype(np.float64), gripper[start : start + n] > 0
+        toggles = np.flatnonzero(closed[1:] != closed[:-1]) + 1  # first frame with the new command
+        marks = np.append(toggles, n - 1)  # the last frame is a waypoint too
+        nxt = marks[np.searchsorted(marks, np.arange(n), side="right").clip(max=len(marks) - 1)]
+        out[start : start + n] = e[nxt] - e
+        start += n
+    return out
 
 
 class _Samples(list):
@@ -74,6 +98,10 @@ class TrajectoryDataset(Dataset):
         tokens: pre-tokenized ``instructions`` (``None``: no INSTR_* keys in samples).
         cache_images: read every image into RAM now (True) or lazily per sample (False).
         file_weights: optional per-file mixing weights for :meth:`make_sampler`.
+        waypoint_dims: columns of the flat state holding the end-effector position (3 of them),
+            or None for no WAYPOINT key in samples.
+        waypoint_scale: (3,) per-axis divisor of the waypoint targets (None: this dataset's std;
+            pass the training set's to a validation set).
     """
 
     def __init__(
@@ -89,6 +117,8 @@ class TrajectoryDataset(Dataset):
         tokens: Tokens | None = None,
         cache_images: bool = False,
         file_weights: Sequence[float] | None = None,
+        waypoint_dims: slice | None = None,
+        waypoint_scale: np.ndarray | None = None,
     ):
         self.paths = [s.path for s in scans]
         self.file_keys = [s.image_keys for s in scans]
@@ -123,6 +153,16 @@ class TrajectoryDataset(Dataset):
         self.state_dims = list(scans[0].state_dims)  # per state key, to split a flat row back into keys
         self.demo_instr = torch.tensor([r.instruction for r in self.refs], dtype=torch.int64)
         self.demo_task = torch.tensor([r.task for r in self.refs], dtype=torch.int64)
+        self.waypoints: np.ndarray | None = None  # (N, 3) normalized WAYPOINT targets
+        self.waypoint_scale: np.ndarray | None = None
+        if waypoint_dims is not None:
+            raw = next_waypoints(self.state[:, waypoint_dims], self.raw_actions[:, -1], lengths)
+            self.waypoint_scale = (
+                np.asarray(waypoint_scale, dtype=np.float32)
+                if waypoint_scale is not None
+                else np.maximum(raw.std(0), 1e-3).astype(np.float32)
+            )
+            self.waypoints = (raw / self.waypoint_scale).astype(np.float32)
         self.image_cache: dict[int, list[np.ndarray]] | None = None  # size id -> per camera slot
         self._handles: dict[int, h5py.File] = {}
         self._datasets: dict[tuple[int, str, str], h5py.Dataset] = {}
@@ -256,6 +296,8 @@ class TrajectoryDataset(Dataset):
         dt = torch.from_numpy(d)
         batch[TASK_ID] = self.demo_task[dt]
         batch[PROGRESS] = torch.from_numpy((t / np.maximum(length - 1, 1)).astype(np.float32))
+        if self.waypoints is not None:
+            batch[WAYPOINT] = torch.from_numpy(self.waypoints[idx])
         if self.tokens is not None:
             instr = self.demo_instr[dt]
             batch[INSTR_IDS] = self.tokens.ids[instr]

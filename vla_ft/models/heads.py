@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vla_ft.constants import OUT_ACTION, OUT_ACTION_LOGITS, OUT_PROGRESS, OUT_TASK_LOGITS
+from vla_ft.constants import OUT_ACTION, OUT_ACTION_LOGITS, OUT_PROGRESS, OUT_TASK_LOGITS, OUT_WAYPOINT
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -86,7 +86,11 @@ ACTION_HEADS: dict[str, type[nn.Module]] = {"continuous": ContinuousActionHead, 
 
 
 class TaskHead(nn.Module):
-    """Task-id classification and episode-progress regression from the readout token.
+    """Task-id classification, episode-progress and next-waypoint regression from the readout token.
+
+    The waypoint (where the hand is at the next gripper open/close, relative to where it is now) is
+    a dense, metric target for "where is the named object / destination": the bang-bang actions of
+    scripted and teleoperated demos teach localization one sign at a time (docs/training.md).
 
     Args:
         hidden: D.
@@ -97,7 +101,12 @@ class TaskHead(nn.Module):
         super().__init__()
         self.task = _mlp(hidden, num_tasks)
         self.progress = _mlp(hidden, 1)
+        self.waypoint = _mlp(hidden, 3)
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, D) -> {OUT_TASK_LOGITS: (B, NT), OUT_PROGRESS: (B,) in (0, 1)}."""
-        return {OUT_TASK_LOGITS: self.task(h), OUT_PROGRESS: torch.sigmoid(self.progress(h)).squeeze(-1)}
+        """(B, D) -> {OUT_TASK_LOGITS: (B, NT), OUT_PROGRESS: (B,) in (0, 1), OUT_WAYPOINT: (B, 3)}."""
+        return {
+            OUT_TASK_LOGITS: self.task(h),
+            OUT_PROGRESS: torch.sigmoid(self.progress(h)).squeeze(-1),
+            OUT_WAYPOINT: self.waypoint(h),
+        }

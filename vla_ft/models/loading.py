@@ -43,7 +43,10 @@ CONFIG_FILE, WEIGHTS_FILE, NORM_FILE = "config.json", "model.safetensors", "norm
 # fields that define tensors: taken from the checkpoint when one is loaded
 ARCH_FIELDS = ("preset", "vision", "language", "vlm", "hidden_size", "num_layers", "num_heads")
 # tensors rebuilt (not loaded) when the data's dims differ from the checkpoint's
-ADAPTABLE = ("task_head.", "action_queries", "view_embed", "state_proj.", "action_head.")
+ADAPTABLE = ("task_head.", "action_queries", "view_embed", "state_proj.", "state_film.", "action_head.")
+# tensors added after checkpoints of this format existed (zero-init or auxiliary): absent from an
+# older file, they keep their init
+LATER_HEADS = ("task_head.waypoint.", "state_film.")
 
 
 def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
@@ -188,7 +191,8 @@ def load_weights(policy: VLAPolicy, file: Path, skip: tuple[str, ...] = ()) -> l
     """Load ``file`` into ``policy``; names starting with a prefix in ``skip`` keep their init.
 
     Returns:
-        names of tensors skipped because their shape differs and they are in ``skip``.
+        names of tensors skipped because their shape differs and they are in ``skip``, and of
+        tensors of ``LATER_HEADS`` the file does not have (an older checkpoint).
 
     Raises:
         CheckpointError: missing, unexpected or mismatched tensors (the first few are named).
@@ -197,9 +201,11 @@ def load_weights(policy: VLAPolicy, file: Path, skip: tuple[str, ...] = ()) -> l
     own = policy.state_dict()
     groups = _shared_groups(policy)
     missing = [n for n in own if n not in loaded and not (groups[n] & loaded.keys())]
+    later = [n for n in missing if n.startswith(LATER_HEADS)]
+    missing = [n for n in missing if n not in later]
     unexpected = [n for n in loaded if n not in own]
     mismatched = [n for n in loaded if n in own and loaded[n].shape != own[n].shape]
-    adapted = [n for n in mismatched if n.startswith(skip)]
+    adapted = [n for n in mismatched if n.startswith(skip)] + later
     bad = [n for n in mismatched if n not in adapted]
 
     def few(names: list[str]) -> str:
@@ -248,7 +254,10 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
     adapted = load_weights(policy, path / WEIGHTS_FILE, skip=ADAPTABLE)
     if adapted:
         log.warning(
-            "%s: re-initialized %s (data dims differ from the checkpoint's)", path, ", ".join(adapted)
+            "%s: re-initialized %s (data dims differ from the checkpoint's, or the checkpoint predates "
+            "the head)",
+            path,
+            ", ".join(adapted),
         )
     policy.tokenizer = read_tokenizer(path, cfg.trust_remote_code)
     if (path / NORM_FILE).is_file():

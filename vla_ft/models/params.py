@@ -9,7 +9,11 @@ from torch import nn
 from vla_ft.constants import MODULE_HEADS, MODULE_PROJECTOR
 
 # Policy-level parameters outside the backbone: input adapters count as projector, the rest as heads.
-_POLICY_MODULES = {"view_embed": MODULE_PROJECTOR, "state_proj": MODULE_PROJECTOR}
+_POLICY_MODULES = {
+    "view_embed": MODULE_PROJECTOR,
+    "state_proj": MODULE_PROJECTOR,
+    "state_film": MODULE_PROJECTOR,
+}
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,14 @@ class VLAPolicy(nn.Module):
         self.view_embed = nn.Parameter(torch.randn(n_views, d) * 0.02)  # per (frame, camera)
         s = dims.history * dims.state_dim
         self.state_proj = nn.Linear(s, d) if s > 0 else None
+        # FiLM backbones: the proprio state joins the instruction in the conditioning vector, so the
+        # CNN can look for "the red cube" while the gripper is open and "the blue bowl" once it holds
+        # the cube (a text-only FiLM must extract both at once; docs/models.md). Zero-init: a
+        # checkpoint without it behaves as before.
+        self.state_film = nn.Linear(s, d) if s > 0 and getattr(backbone, "conditions_vision", False) else None
+        if self.state_film is not None:
+            nn.init.zeros_(self.state_film.weight)
+            nn.init.zeros_(self.state_film.bias)
         self.action_queries = nn.Parameter(torch.randn(dims.chunk, d) * 0.02)
         self.readout = nn.Parameter(torch.randn(1, d) * 0.02)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -101,7 +109,10 @@ class VLAPolicy(nn.Module):
             n = max(1, int(mask.sum(1).max()))
             ids, mask = ids[:, :n], mask[:, :n]
         if getattr(self.backbone, "conditions_vision", False):  # FiLM: the instruction steers the CNN
-            cond = self.backbone.encode_text(ids, mask).repeat_interleave(t * k, dim=0)  # (B*T*K, D)
+            cond = self.backbone.encode_text(ids, mask)  # (B, D)
+            if self.state_film is not None:
+                cond = cond + self.state_film(batch[STATE].reshape(b, -1).to(cond.dtype))
+            cond = cond.repeat_interleave(t * k, dim=0)  # (B*T*K, D)
             img = self.backbone.encode_images(x, cond)  # (B*T*K, P, D)
         else:
             img = self.backbone.encode_images(x)  # (B*T*K, P, D)

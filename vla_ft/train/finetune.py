@@ -209,6 +209,12 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
     )
     tokenizer = load_tokenizer(model_cfg)
     train_ds, val_ds, info = build_datasets(cfg.data, tokenizer, cfg.seed)
+    if cfg.loss.task_terms.get("waypoint", 0) > 0 and info.waypoint_key is None:
+        raise ConfigError(
+            f"loss.task_terms.waypoint needs an end-effector position in the data, but none of the state "
+            f"keys {info.state_keys} is one (data.waypoint_key={cfg.data.waypoint_key!r}); set "
+            f"data.waypoint_key, or drop 'waypoint' from loss.task_terms"
+        )
     policy = load_vla(model_cfg, info)
     if resume_ckpt is None:
         policy.set_normalizer(info.normalizer)
