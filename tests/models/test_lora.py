@@ -17,7 +17,15 @@ from vla_ft.errors import CheckpointError, ConfigError
 from vla_ft.models import VLAPolicy, count_parameters, load_vla, param_info
 from vla_ft.models.lora import LORA_DIR, LoRAPolicy, apply_lora, is_lora_parameter, target_modules
 
-NEW_TASK_PARTS = ("view_embed", "state_proj", "action_queries", "readout", "action_head", "task_head")
+NEW_TASK_PARTS = (
+    "view_embed",
+    "state_proj",
+    "state_film",
+    "action_queries",
+    "readout",
+    "action_head",
+    "task_head",
+)
 
 
 def _policy(r: int = 8, **lora) -> tuple[VLAPolicy, LoraConfig]:

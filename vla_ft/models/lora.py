@@ -8,7 +8,7 @@
   dilated or grouped convolutions, which peft's conv adapter does not reproduce (:func:`adaptable`);
 * freezes every other backbone parameter (embeddings, norms, ...);
 * keeps every parameter outside the backbone trainable: action and task heads, action queries,
-  readout, state projection, view embeddings. They are new for the task (the heads may even be
+  readout, state projection and state-to-FiLM map, view embeddings. They are new for the task (the heads may even be
   re-initialized by ``load_vla``), so they are trained in full: peft's ``modules_to_save`` practice.
 
 The policy stays a ``VLAPolicy`` (its class becomes :class:`LoRAPolicy`): ``forward``,
