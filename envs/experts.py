@@ -22,7 +22,7 @@ OPEN, CLOSE = -1.0, 1.0
 # phase's max speed. With GAIN = 1 the commands were bang-bang (|a| = 1 until 2 cm from the target:
 # 26% of xyz entries saturated, 50-70% exactly 0), a step function of "where is the object" that
 # behavior cloning learns one sign at a time; GAIN = 0.25 makes them linear within 8 cm of the target
-# (docs/training.md). Episodes get ~25% longer (pick_place: 48 -> ~60 steps).
+# (docs/training.md). Episodes get ~35% longer (pick_place: mean 48 -> 66 steps, docs/envs.md).
 GAIN = 0.25
 GRASP_DZ = -0.008  # tcp below the object centre when grasping (fingertips 1.7 cm above the table)
 CARRY_Z = 0.14  # travel height with an object (m)

@@ -48,9 +48,8 @@ def test_dataset_waypoints_auto_key(request, tokenizer, fixture, key):
 
 
 def test_waypoint_key_off_and_errors(tokenizer, ours_file):
-    _, _, info = build_datasets(DataConfig(paths=[str(ours_file)], waypoint_key=None), tokenizer, 0)
+    train, _, info = build_datasets(DataConfig(paths=[str(ours_file)], waypoint_key=None), tokenizer, 0)
     assert info.waypoint_key is None
-    train, _, _ = build_datasets(DataConfig(paths=[str(ours_file)], waypoint_key=None), tokenizer, 0)
     assert WAYPOINT not in train[0]
     with pytest.raises(DataError, match="data.waypoint_key='tcp'.*ee_pos"):
         build_datasets(DataConfig(paths=[str(ours_file)], waypoint_key="tcp"), tokenizer, 0)

@@ -114,28 +114,25 @@ def _waypoint_dims(
 ) -> tuple[str | None, slice | None]:
     """(key, state columns) of the end-effector position used for WAYPOINT targets, or (None, None)."""
     keys = list(spec.state_keys)
+    dims = dict(zip(keys, state_dims))
     if cfg.waypoint_key is None:
         return None, None
     if cfg.waypoint_key == "auto":
-        found = [k for k in keys if k.endswith(WAYPOINT_KEY_NAMES)]
-        if not found:
+        key = next((k for k in keys if k.endswith(WAYPOINT_KEY_NAMES) and dims[k] == 3), None)
+        if key is None:
             return None, None
-        key = found[0]
     else:
         key = cfg.waypoint_key
-        if key not in keys:
+        if key not in dims:
             raise DataError(
                 f"data.waypoint_key={key!r} is not a state key (state keys: {keys}); name one of them, "
                 f"or set data.waypoint_key=null"
             )
-    i = keys.index(key)
-    if state_dims[i] != 3:
-        if cfg.waypoint_key == "auto":
-            return None, None
-        raise DataError(
-            f"data.waypoint_key={key!r} has {state_dims[i]} dims; it must be a 3-D end-effector position"
-        )
-    lo = int(sum(state_dims[:i]))
+        if dims[key] != 3:
+            raise DataError(
+                f"data.waypoint_key={key!r} has {dims[key]} dims; it must be a 3-D end-effector position"
+            )
+    lo = int(sum(state_dims[: keys.index(key)]))
     return key, slice(lo, lo + 3)
 
 

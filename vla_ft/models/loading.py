@@ -46,7 +46,7 @@ ARCH_FIELDS = ("preset", "vision", "language", "vlm", "hidden_size", "num_layers
 ADAPTABLE = ("task_head.", "action_queries", "view_embed", "state_proj.", "state_film.", "action_head.")
 # tensors added after checkpoints of this format existed (zero-init or auxiliary): absent from an
 # older file, they keep their init
-LATER_HEADS = ("task_head.waypoint.", "state_film.")
+LATER_TENSORS = ("task_head.waypoint.", "state_film.")
 
 
 def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
@@ -192,7 +192,7 @@ def load_weights(policy: VLAPolicy, file: Path, skip: tuple[str, ...] = ()) -> l
 
     Returns:
         names of tensors skipped because their shape differs and they are in ``skip``, and of
-        tensors of ``LATER_HEADS`` the file does not have (an older checkpoint).
+        tensors of ``LATER_TENSORS`` the file does not have (an older checkpoint).
 
     Raises:
         CheckpointError: missing, unexpected or mismatched tensors (the first few are named).
@@ -201,7 +201,7 @@ def load_weights(policy: VLAPolicy, file: Path, skip: tuple[str, ...] = ()) -> l
     own = policy.state_dict()
     groups = _shared_groups(policy)
     missing = [n for n in own if n not in loaded and not (groups[n] & loaded.keys())]
-    later = [n for n in missing if n.startswith(LATER_HEADS)]
+    later = [n for n in missing if n.startswith(LATER_TENSORS)]
     missing = [n for n in missing if n not in later]
     unexpected = [n for n in loaded if n not in own]
     mismatched = [n for n in loaded if n in own and loaded[n].shape != own[n].shape]
