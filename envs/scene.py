@@ -41,7 +41,12 @@ BOWL_INNER_HALF = 0.06  # inner half-width of a bowl (m)
 BOWL_WALL_TOP = 0.044
 WORKSPACE_LO = np.array([-0.3, -0.35, 0.0])  # clip box for the hand target (tcp position, m)
 WORKSPACE_HI = np.array([0.3, 0.35, 0.3])
-HAND_START_Z = 0.22
+# Hand start box (tcp, m): the whole table region, 12-25 cm up (the fingertips clear every object).
+# It was (+-5 cm, +-5 cm, 22 cm): then the hand's position told a policy which way the expert had
+# been going (every demo fans out from the same spot), and it learned to keep going instead of
+# finding the named object: causal confusion (docs/training.md, "Third round").
+HAND_START_LO = np.array([TABLE_X[0], TABLE_Y[0], 0.12])
+HAND_START_HI = np.array([TABLE_X[1], TABLE_Y[1], 0.25])
 LAYOUT_DIM = len(SLOTS) * 4 + 3  # per slot: color, x, y, yaw; then hand start xyz
 
 
@@ -111,7 +116,9 @@ def sample_layout(rng: np.random.Generator, max_tries: int = 1000) -> Layout:
         if ok:
             yaw = np.zeros(len(SLOTS))
             yaw[: len(MOVABLE)] = rng.uniform(-0.3, 0.3, size=len(MOVABLE))
-            hand = np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05), HAND_START_Z])
+            hand = np.array(
+                [rng.uniform(lo, hi) for lo, hi in zip(HAND_START_LO, HAND_START_HI, strict=True)]
+            )
             return Layout(colors=colors.astype(np.int64), xy=xy, yaw=yaw, hand=hand)
     raise RuntimeError("could not place the objects without overlap; the table region is too small")
 

@@ -65,6 +65,20 @@ def test_constant_dim_maps_to_zero_and_back(arrays):
         assert (norm.unnormalize_action(y)[:, 3] == np.float32(0.25)).all()
 
 
+def test_nearly_constant_dim_is_not_amplified():
+    """A dimension with std ~1e-5 (finger lag on gripper-open data) stays at its tiny raw size."""
+    rng = np.random.default_rng(1)
+    state = np.stack([rng.normal(0, 0.1, 2000), 0.05 - np.abs(rng.normal(0, 1e-5, 2000))], 1).astype(
+        np.float32
+    )
+    for mode in ("mean_std", "min_max", "quantile"):
+        norm = Normalizer.from_arrays(mode, state[:, :1], state)
+        y = norm.normalize_state(state)
+        assert np.abs(y[:, 1]).max() < 1e-3, mode  # scale 1: x - center, not (x - center) / 1e-5
+        assert y[:, 0].std() > 0.2, mode  # the real dimension (std 0.1) is still scaled up
+        np.testing.assert_allclose(norm.unnormalize_state(y)[:, 1], state[:, 1], atol=1e-7)
+
+
 def test_save_load_json(tmp_path, arrays):
     norm = Normalizer.from_arrays("quantile", *arrays)
     path = norm.save(tmp_path)

@@ -8,8 +8,13 @@ Every mode is the same affine map ``x_n = (x - center) / scale`` (quantile mode 
 * ``quantile``: center = (q99 + q01) / 2, scale = (q99 - q01) / 2  -> [-1, 1], clipped.
 * ``none``:     identity.
 
-A dimension whose scale is (near) zero, e.g. a constant one, gets scale 1: it normalizes to
-``x - center`` (0 for the constant) and unnormalizes back exactly.
+A dimension whose scale is below ``_EPS`` (1e-4 in the data's own units), e.g. a constant one,
+gets scale 1: it normalizes to ``x - center`` (0 for the constant) and unnormalizes back exactly.
+The threshold is not 1e-6 on purpose: a *nearly* constant dimension must not be blown up to unit
+variance. Our gripper fingers lag the hand by ~3e-5 m when it accelerates sideways; on reach-only
+data (gripper always open, finger std ~1e-5) mean/std scaling turned that lag into a +-3 sigma
+velocity signal, and the policy copied its previous y motion from it instead of finding the target
+(docs/training.md, "A velocity leak"). Diffusion Policy's normalizer uses the same 1e-4 range floor.
 
 Statistics come from low-dim arrays only (never images); 1M frames x 10 dims take well under a
 second (``np.quantile`` partitions, it does not sort).
@@ -29,7 +34,7 @@ from vla_ft.errors import CheckpointError
 MODES = ("mean_std", "min_max", "quantile", "none")
 KEYS = ("action", "state")
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
-_EPS = 1e-6
+_EPS = 1e-4  # scales below this (data units) count as constant; see the module docstring
 FILENAME = "normalization.json"
 
 
