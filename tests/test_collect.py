@@ -97,3 +97,17 @@ def test_unknown_task_in_collect_lists_valid_names(tmp_path):
     cfg, _ = _cfg(tmp_path, "collect.tasks=[pick_plaec]")
     with pytest.raises(ValueError, match="valid tasks: pick_place"):
         collect.run_collect(cfg)
+
+
+def test_pool_stops_early_with_thousands_of_attempts_queued(tmp_path):
+    """Enough successes long before 6,000 queued attempts run out: the pool stops early and cleanly.
+
+    The early-stop path is where the old ``Pool.terminate`` hung once (collect.py ``_results``).
+    """
+    cfg, out = _cfg(
+        tmp_path, "collect.tasks=[reach]", "collect.workers=2", "collect.episodes=2",
+        "collect.max_attempts_factor=3000",
+    )  # fmt: skip
+    assert collect.run_collect(cfg) == out
+    with h5py.File(out, "r") as f:
+        assert len(f["data"]) == 2

@@ -9,9 +9,12 @@ so the file does not depend on the number of workers. No torch import here.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import multiprocessing as mp
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +87,34 @@ def _close_envs() -> None:
 
 
 def _results(jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
-    """Episode results in job order (inline for one worker, else a spawn pool)."""
+    """Episode results in job order (inline for one worker, else a spawn process pool).
+
+    At most ``2 * workers`` episodes are in flight; when the caller stops early (enough successes),
+    the pool cancels the rest and shuts down cleanly, waiting only for the running ones. It used
+    ``multiprocessing.Pool.imap`` over every attempt and ``terminate()`` on early exit, which hung
+    once (2026-11-23, 500 episodes per task, two workers): workers defunct, parent at 0% CPU, after
+    the first task. Most likely terminate killing a worker while it held the task queue's lock (a
+    known ``Pool.terminate`` deadlock); it did not reproduce on a second run.
+    """
     if workers == 1:
         try:
             yield from map(run_episode, jobs)
         finally:
             _close_envs()
         return
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers) as pool:  # leaving the block terminates the workers
-        yield from pool.imap(run_episode, jobs, chunksize=1)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        todo = iter(jobs)
+        running = collections.deque(pool.submit(run_episode, j) for j in itertools.islice(todo, 2 * workers))
+        try:
+            while running:
+                result = running.popleft().result()  # a crashed worker raises BrokenProcessPool
+                nxt = next(todo, None)
+                if nxt is not None:
+                    running.append(pool.submit(run_episode, nxt))
+                yield result
+        finally:
+            for fut in running:
+                fut.cancel()
 
 
 def _collect_task(task: str, cfg: Config, writer: DemoWriter, instructions: list[str]) -> int:
