@@ -24,7 +24,9 @@ from envs.rendering import MultiCameraRenderer
 from envs.scene import LAYOUT_DIM, WORKSPACE_HI, WORKSPACE_LO, Sim, sample_layout
 from envs.tasks import GOAL_DIM, Goal
 
-ENV_VERSION = "0.1"
+# Written into every collected file (data.attrs["env_args"]). 0.2 (2026-11-23): the hand starts
+# anywhere over the table (envs/scene.py HAND_START_LO/HI); files of 0.1 fan out from the centre.
+ENV_VERSION = "0.2"
 VALID_CAMERAS = ("agentview", "wrist")
 FINGER_OPEN = 0.05
 _BADQPOS, _BADQVEL, _BADQACC = (

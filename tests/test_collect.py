@@ -111,3 +111,19 @@ def test_pool_stops_early_with_thousands_of_attempts_queued(tmp_path):
     assert collect.run_collect(cfg) == out
     with h5py.File(out, "r") as f:
         assert len(f["data"]) == 2
+
+
+def test_demos_of_an_older_env_version_get_a_warning(tmp_path, capsys):
+    # collect.warn_stale_env (what ensure_data calls): importing vla_ft.train here would pull in
+    # triton after this file's in-process EGL renderers, which segfaults (docs/traps.md)
+    cfg, out = _cfg(tmp_path, "collect.tasks=[reach]", "collect.workers=1", "collect.episodes=1")
+    collect.run_collect(cfg)
+    cfg = load_config("pick_place.yaml", [f"data.paths=[{out}]"])
+    assert collect.warn_stale_env(cfg.data.paths) == []  # current version: silent
+    assert "warning" not in capsys.readouterr().err
+    with h5py.File(out, "r+") as f:
+        args = json.loads(f["data"].attrs["env_args"])
+        f["data"].attrs["env_args"] = json.dumps({**args, "env_version": "0.1"})
+    assert collect.warn_stale_env(cfg.data.paths) == [str(out)]
+    err = capsys.readouterr().err
+    assert f"{out} was collected with env_version 0.1" in err and "delete it to re-collect" in err

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import math
 import multiprocessing as mp
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 from tqdm import tqdm
 
@@ -144,6 +147,33 @@ def _collect_task(task: str, cfg: Config, writer: DemoWriter, instructions: list
         f"collect.max_attempts_factor (now {c.max_attempts_factor}) or lower collect.action_noise "
         f"(now {c.action_noise})"
     )
+
+
+def warn_stale_env(paths: list[str]) -> list[str]:
+    """Warn about our own demo files recorded by an older version of envs/ (returns those paths).
+
+    ``collect_if_missing`` reuses an existing file, so a checkout updated after its demos were
+    collected silently trains on the old environment (e.g. ENV_VERSION 0.1: the hand started at the
+    table centre, which teaches policies to keep going instead of finding the target).
+    """
+    from envs.env import ENV_VERSION
+
+    stale = []
+    for p in paths:
+        try:
+            with h5py.File(p, "r") as f:
+                args = json.loads(f["data"].attrs.get("env_args", "{}"))
+        except (OSError, KeyError, ValueError, TypeError):
+            continue  # not readable as our layout: the dataset reader reports it with file and key
+        version = args.get("env_version") if isinstance(args, dict) else None
+        if isinstance(args, dict) and args.get("type") == "vla_ft" and version != ENV_VERSION:
+            stale.append(p)
+            print(
+                f"[vla-ft] warning: {p} was collected with env_version {version}, the environment is now "
+                f"{ENV_VERSION} (envs/env.py says what changed); delete it to re-collect",
+                file=sys.stderr,
+            )
+    return stale
 
 
 def _env_args(cfg: Config) -> dict[str, Any]:
