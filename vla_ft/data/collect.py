@@ -165,8 +165,10 @@ def warn_stale_env(paths: list[str]) -> list[str]:
                 args = json.loads(f["data"].attrs.get("env_args", "{}"))
         except (OSError, KeyError, ValueError, TypeError):
             continue  # not readable as our layout: the dataset reader reports it with file and key
-        version = args.get("env_version") if isinstance(args, dict) else None
-        if isinstance(args, dict) and args.get("type") == "vla_ft" and version != ENV_VERSION:
+        if not isinstance(args, dict) or args.get("type") != "vla_ft":
+            continue  # not collected by envs/ (robomimic, LIBERO, ...): no version to compare
+        version = args.get("env_version")
+        if version != ENV_VERSION:
             stale.append(p)
             print(
                 f"[vla-ft] warning: {p} was collected with env_version {version}, the environment is now "

@@ -14,7 +14,7 @@ The threshold is not 1e-6 on purpose: a *nearly* constant dimension must not be 
 variance. Our gripper fingers lag the hand by ~3e-5 m when it accelerates sideways; on reach-only
 data (gripper always open, finger std ~1e-5) mean/std scaling turned that lag into a +-3 sigma
 velocity signal, and the policy copied its previous y motion from it instead of finding the target
-(docs/training.md, "A velocity leak"). Diffusion Policy's normalizer uses the same 1e-4 range floor.
+(docs/training.md, "Third round"). Diffusion Policy's normalizer uses the same 1e-4 range floor.
 
 Statistics come from low-dim arrays only (never images); 1M frames x 10 dims take well under a
 second (``np.quantile`` partitions, it does not sort).

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from vla_ft.config import DataConfig
-from vla_ft.data.reader import Demo, open_h5, read_frames, scan_file
+from vla_ft.data.reader import Demo, FileScan, open_h5, read_frames, scan_file
 from vla_ft.errors import ConfigError
 
 LATE_FROM = 8  # time steps >= this are pooled into one row
@@ -58,20 +58,16 @@ def _corr(p: np.ndarray, a: np.ndarray) -> list[float | None]:
     return out
 
 
-def _demo_obs(
-    h5: h5py.File, demo: Demo, scan: Any, image_keys: list[str], state_keys: list[str], history: int
-):
-    """Observations of every frame of ``demo`` stacked on a history axis: {key: (T, history, ...)}."""
+def _demo_obs(h5: h5py.File, demo: Demo, scan: FileScan, history: int) -> dict[str, np.ndarray]:
+    """Observations of every frame of ``demo`` stacked on a history axis: {key: (T, history, ...)}.
+
+    Same frames as ``TrajectoryDataset.get_batch``: t-history+1..t, frame 0 repeated before the start.
+    """
     t = np.arange(demo.length)
-    idx = np.maximum(t[:, None] - np.arange(history - 1, -1, -1)[None], 0)  # (T, history), oldest first
-    obs: dict[str, np.ndarray] = {}
-    for key in image_keys:
-        frames = read_frames(h5, demo.name, key, np.arange(demo.length))  # (T, H, W, 3)
-        obs[key] = frames[idx]
-    offsets = np.cumsum([0, *scan.state_dims])
-    for key in state_keys:
-        k = list(scan.state_keys).index(key)
-        obs[key] = demo.state[:, offsets[k] : offsets[k + 1]][idx]
+    hist = np.maximum(t[:, None] + np.arange(1 - history, 1), 0)  # (T, history), oldest first
+    obs = {key: read_frames(h5, demo.name, key, t)[hist] for key in scan.image_keys}
+    states = np.split(demo.state, np.cumsum(scan.state_dims)[:-1], axis=-1)  # the scan's key order
+    obs.update({key: part[hist] for key, part in zip(scan.state_keys, states, strict=True)})
     return obs
 
 
@@ -108,7 +104,7 @@ def probe_policy(
     preds, swapped, labels, steps = [], [], [], []
     with open_h5(path) as h5:
         for demo in chosen:
-            obs = _demo_obs(h5, demo, scan, image_keys, state_keys, dims.history)
+            obs = _demo_obs(h5, demo, scan, dims.history)
             other = None
             if len(distinct) > 1:  # the next distinct instruction in sorted order: never the demo's own
                 other = distinct[(distinct.index(demo.instruction) + 1) % len(distinct)]

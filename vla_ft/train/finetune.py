@@ -92,9 +92,9 @@ def resolve_run_dir(cfg: Config) -> Path:
 
 def ensure_data(cfg: Config) -> None:
     """Collect the configured demos when missing and allowed; else name the exact command."""
-    missing = [p for p in cfg.data.paths if not Path(p).is_file()]
     from vla_ft.data.collect import warn_stale_env
 
+    missing = [p for p in cfg.data.paths if not Path(p).is_file()]
     warn_stale_env([p for p in cfg.data.paths if p not in missing])
     if not missing:
         return
