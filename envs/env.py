@@ -20,7 +20,7 @@ import mujoco
 import numpy as np
 
 from envs.errors import EnvError, InvalidActionError
-from envs.rendering import MultiCameraRenderer
+from envs.rendering import MultiCameraRenderer, project
 from envs.scene import LAYOUT_DIM, WORKSPACE_HI, WORKSPACE_LO, Sim, sample_layout
 from envs.tasks import GOAL_DIM, Goal
 
@@ -148,6 +148,30 @@ class TabletopEnv(gym.Env):
         terminated = success or physics_error
         truncated = (not terminated) and self._steps >= self.max_steps
         return obs, float(success), terminated, truncated, self._info(success, physics_error)
+
+    def target_uv(self) -> dict[str, np.ndarray]:
+        """Where the instruction's objects are in each camera image (training labels, not observations).
+
+        Returns:
+            ``{"<camera>_image": float32 (2, 2)}``: rows are the named object (``src``) and the
+            destination (``dst``: the bowl of pick_place, the lower cube of stack), columns image
+            ``(x, y)`` in [-1, 1] (x right, y down; see ``envs.rendering.project``). A row is NaN when
+            the instruction names no such object or it is behind the camera; outside [-1, 1] means out
+            of view. The collector stores these per frame as ``targets/<camera>_image`` for the
+            ``grounding`` loss term (docs/data.md).
+        """
+        goal, sim = self.goal, self.sim
+        points = np.full((2, 3), np.nan)
+        points[0] = sim.pos(goal.src_slot)
+        if goal.dst >= 0:
+            points[1] = sim.pos(goal.dst_slot)
+        out = {}
+        for cam in self.cameras:
+            uv = np.full((2, 2), np.nan)
+            known = np.isfinite(points[:, 0])
+            uv[known] = project(sim.model, sim.data, cam, points[known])
+            out[f"{cam}_image"] = uv.astype(np.float32)
+        return out
 
     def render(self):
         if self._renderer is None or "agentview" not in self.cameras:

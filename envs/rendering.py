@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes.util
 import os
 
+import numpy as np
+
 
 def select_gl_backend() -> str:
     """Set ``MUJOCO_GL`` to an available headless backend unless already set; return it."""
@@ -25,6 +27,37 @@ def select_gl_backend() -> str:
             os.environ["MUJOCO_GL"] = "egl"  # the error on first render names the fix
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
     return os.environ["MUJOCO_GL"]
+
+
+def project(model, data, camera: str, points) -> np.ndarray:
+    """World points -> image coordinates of a named camera, as the renderer draws them.
+
+    Args:
+        model, data: ``mujoco.MjModel`` / ``MjData`` after ``mj_forward`` (camera poses current).
+        camera: camera name in the model.
+        points: float (N, 3) world positions (m).
+
+    Returns:
+        float64 (N, 2) ``(x, y)`` in [-1, 1] across the image, x to the right and y down (the same
+        convention as the spatial-softmax keypoints of ``vla_ft.models.vision``); points outside the
+        field of view fall outside [-1, 1]; points behind the camera are NaN. Square images only
+        (``fovy`` is the vertical field of view; MuJoCo keeps the aspect ratio of the viewport).
+    """
+    import mujoco
+
+    cid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+    if cid < 0:
+        from envs.errors import EnvError
+
+        raise EnvError(f"camera '{camera}' is not in the scene")
+    rot = data.cam_xmat[cid].reshape(3, 3)  # columns: camera x (right), y (up), z (backwards)
+    local = (np.asarray(points, dtype=np.float64).reshape(-1, 3) - data.cam_xpos[cid]) @ rot  # (N, 3)
+    focal = 1.0 / np.tan(np.deg2rad(model.cam_fovy[cid]) / 2.0)
+    depth = -local[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = np.stack([focal * local[:, 0] / depth, -focal * local[:, 1] / depth], axis=1)
+    uv[depth <= 0] = np.nan
+    return uv
 
 
 class MultiCameraRenderer:

@@ -317,10 +317,10 @@ class LossConfig:
             )
         for name, w in self.task_terms.items():
             _check(
-                name in ("task_id", "progress", "waypoint"),
+                name in ("task_id", "progress", "waypoint", "grounding"),
                 "loss.task_terms",
                 name,
-                "use task terms from: task_id, progress, waypoint",
+                "use task terms from: task_id, progress, waypoint, grounding",
             )
             _check(w >= 0, f"loss.task_terms.{name}", w, "use a weight >= 0")
 

@@ -16,6 +16,10 @@ Inputs (written by ``vla_ft.data``, read by ``vla_ft.models``/``vla_ft.losses``)
                                                open/close (or the episode end) minus where it is
                                                now, per axis / its training std; only when the
                                                data has an end-effector position (data.waypoint_key)
+    TARGET_UV       float32 (B, K, 2, 2)       image (x, y) in [-1, 1] (x right, y down) per camera
+                                               of [named object, destination] at the current frame;
+                                               NaN where unknown; only when the files carry
+                                               targets/<image key> (our collector writes them)
 
 Outputs (written by ``VLAPolicy.forward``):
     OUT_ACTION        float32 (B, H, A)        predicted chunk (normalized units)
@@ -23,6 +27,8 @@ Outputs (written by ``VLAPolicy.forward``):
     OUT_TASK_LOGITS   float32 (B, NT)          task-id classification
     OUT_PROGRESS      float32 (B,)             progress regression
     OUT_WAYPOINT      float32 (B, 3)           next-waypoint regression (same units as WAYPOINT)
+    OUT_HEATMAP       float32 (B, K, P, h, w)  keypoint heat-map logits of the current frame per
+                                               camera (FiLM backbones with keypoints only)
     OUT_HIDDEN        float32 (B, N, D)        final hidden states (optional)
 """
 
@@ -35,14 +41,27 @@ ACTION_IS_PAD = "action.is_pad"
 TASK_ID = "task.id"
 PROGRESS = "task.progress"
 WAYPOINT = "task.waypoint"
+TARGET_UV = "task.target_uv"
 
-INPUT_KEYS = (IMAGES, STATE, INSTR_IDS, INSTR_MASK, ACTION, ACTION_IS_PAD, TASK_ID, PROGRESS, WAYPOINT)
+INPUT_KEYS = (
+    IMAGES,
+    STATE,
+    INSTR_IDS,
+    INSTR_MASK,
+    ACTION,
+    ACTION_IS_PAD,
+    TASK_ID,
+    PROGRESS,
+    WAYPOINT,
+    TARGET_UV,
+)
 
 OUT_ACTION = "pred.action"
 OUT_ACTION_LOGITS = "pred.action_logits"
 OUT_TASK_LOGITS = "pred.task_logits"
 OUT_PROGRESS = "pred.progress"
 OUT_WAYPOINT = "pred.waypoint"
+OUT_HEATMAP = "pred.heatmap"
 OUT_HIDDEN = "pred.hidden"
 
 # Module names used for parameter-group metadata (discriminative / layer-wise learning rates).

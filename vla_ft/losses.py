@@ -11,9 +11,12 @@ Action terms work in normalized action units (the units the policy predicts in):
 * binned heads: cross-entropy (with label smoothing) over ``n_bins`` uniform bins on
   ``[bin_low, bin_high]``; targets outside the range fall into the edge bins.
 
-Task terms (a registry): ``task_id`` cross-entropy, ``progress`` regression (MSE) and ``waypoint``
+Task terms (a registry): ``task_id`` cross-entropy, ``progress`` regression (MSE), ``waypoint``
 regression (smooth L1 on the next gripper-toggle position relative to the hand, in training-std
-units; needs an end-effector position in the data, see ``data.waypoint_key``).
+units; needs an end-effector position in the data, see ``data.waypoint_key``) and ``grounding``
+(cross-entropy of the first two keypoint heat maps of each camera against where the instruction's
+named object and destination are in that image; needs ``targets/`` labels in the files, which our
+collector writes, and a keypoint backbone; docs/training.md "Fourth round").
 """
 
 from __future__ import annotations
@@ -87,10 +90,59 @@ def waypoint_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor], label_sm
     return F.smooth_l1_loss(outputs[K.OUT_WAYPOINT].float(), batch[K.WAYPOINT].float())
 
 
+GROUNDING_SIGMA_CELLS = 1.0  # std of the Gaussian target around the object, in heat-map cells
+
+
+def grounding_targets(uv: Tensor, h: int, w: int, sigma_cells: float = GROUNDING_SIGMA_CELLS) -> Tensor:
+    """Soft targets (..., h*w) over the cell centres of an h x w heat map: a Gaussian at ``uv`` (..., 2).
+
+    Cell centres are at ``-1 + (2i + 1) / n`` (x over w, y over h), as in ``SpatialSoftmax``; sigma is
+    ``sigma_cells`` cells. Rows of non-finite ``uv`` come out NaN (mask them).
+    """
+    ys = torch.linspace(-1.0 + 1.0 / h, 1.0 - 1.0 / h, h, device=uv.device)
+    xs = torch.linspace(-1.0 + 1.0 / w, 1.0 - 1.0 / w, w, device=uv.device)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (h*w, 2)
+    scale = torch.tensor([2.0 / w, 2.0 / h], device=uv.device) * sigma_cells  # one cell = 2/n
+    d2 = (((grid - uv[..., None, :]) / scale) ** 2).sum(-1)  # (..., h*w)
+    return torch.softmax(-0.5 * d2, dim=-1)
+
+
+def grounding_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
+    """Heat map 0 of each camera finds the named object, heat map 1 the destination.
+
+    Cross-entropy of OUT_HEATMAP[:, k, j] (B, K, Q, h, w) logits against a Gaussian at TARGET_UV[:, k, j]
+    (B, K, 2, 2), j = 0 (named object) and 1 (destination), averaged over the (sample, camera, object)
+    triples whose target is known and inside the image. Privileged labels at training time only: the
+    policy still sees images, state and the instruction, nothing else.
+    """
+    del label_smoothing
+    if K.TARGET_UV not in batch:
+        raise ConfigError(
+            "loss.task_terms has 'grounding' but the batches carry no targets: the demo files have no "
+            "data/demo_i/targets/<camera> labels (files collected by scripts/collect_demos.py since "
+            "2026-11-23 have them); re-collect the files, or remove 'grounding' from loss.task_terms"
+        )
+    if K.OUT_HEATMAP not in outputs:
+        raise ConfigError(
+            "loss.task_terms has 'grounding' but the model outputs no keypoint heat maps: use a native "
+            "backbone with keypoints (model.extra.keypoints >= 2, as in the tiny preset), or remove "
+            "'grounding' from loss.task_terms"
+        )
+    heat = outputs[K.OUT_HEATMAP][:, :, :2].float()  # (B, K, 2, h, w)
+    h, w = heat.shape[-2:]
+    uv = batch[K.TARGET_UV].float()  # (B, K, 2, 2)
+    known = torch.isfinite(uv).all(-1) & (uv.abs() <= 1.0).all(-1)  # (B, K, 2) in view
+    target = grounding_targets(torch.nan_to_num(uv), h, w)  # (B, K, 2, h*w)
+    ce = -(target * heat.flatten(-2).log_softmax(-1)).sum(-1)  # (B, K, 2)
+    weight = known.float()
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 TASK_TERMS: dict[str, Callable[[dict[str, Tensor], dict[str, Tensor], float], Tensor]] = {
     "task_id": task_id_loss,
     "progress": progress_loss,
     "waypoint": waypoint_loss,
+    "grounding": grounding_loss,
 }
 
 

@@ -14,6 +14,7 @@ from vla_ft.constants import (
     ACTION_IS_PAD,
     IMAGES,
     INPUT_KEYS,
+    TARGET_UV,
     INSTR_IDS,
     INSTR_MASK,
     PROGRESS,
@@ -47,7 +48,7 @@ def test_sample_shapes_and_dtypes(request, tokenizer, fixture, layout, a_dim, s_
     assert info.action_dim == a_dim and info.state_dim == s_dim
     assert info.image_size == (12, 12) and info.history == 2 and info.chunk == 3
     s = train[0]
-    assert set(s) == set(INPUT_KEYS)
+    assert set(s) == set(INPUT_KEYS) - {TARGET_UV}  # grounding labels only come from files with targets/
     assert s[IMAGES].dtype == torch.uint8 and s[IMAGES].shape == (2, 2, 3, 12, 12)
     assert s[STATE].dtype == torch.float32 and s[STATE].shape == (2, s_dim)
     assert s[ACTION].dtype == torch.float32 and s[ACTION].shape == (3, a_dim)

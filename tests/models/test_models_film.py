@@ -68,8 +68,10 @@ def test_keypoints_are_expected_coordinates():
         sm.out.weight.copy_(torch.eye(2))
         sm.out.bias.zero_()
     feats = torch.zeros(1, 1, 5, 5)
-    feats[0, 0, 1, 4] = 10.0  # row 1 (y = -0.5), column 4 (x = +1)
-    torch.testing.assert_close(sm(feats)[0, 0], torch.tensor([1.0, -0.5]), atol=1e-3, rtol=0)
+    feats[0, 0, 1, 4] = 10.0  # row 1, column 4: cell centre y = -1 + 3/5, x = -1 + 9/5
+    tokens, heat = sm(feats)
+    torch.testing.assert_close(tokens[0, 0], torch.tensor([0.8, -0.4]), atol=1e-3, rtol=0)
+    assert heat.shape == (1, 1, 5, 5) and int(heat.flatten().argmax()) == 1 * 5 + 4
 
 
 def test_keypoint_tokens_are_added_per_image():
@@ -209,3 +211,27 @@ def test_checkpoint_from_before_state_film_and_waypoint_head_loads(tmp_path, cap
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch)[C.OUT_ACTION], policy(batch)[C.OUT_ACTION])
         assert loaded(batch)[C.OUT_WAYPOINT].shape == (batch[C.STATE].shape[0], 3)
+
+
+def test_tiny_policy_outputs_heatmaps_of_the_current_frame():
+    info = make_info(history=2)
+    torch.manual_seed(0)
+    policy = load_vla(ModelConfig(preset="tiny"), info)
+    batch = make_batch(info, b=3)
+    out = policy(batch)
+    heat = out[C.OUT_HEATMAP]
+    n_cams = len(policy.dims.image_keys)
+    assert heat.shape[:3] == (3, n_cams, 8)  # (B, K cameras, 8 keypoints of the tiny preset, h, w)
+    # the heat maps are of the last (current) history frame: changing the older frame's pixels
+    # changes nothing, changing the current one does
+    older = dict(batch)
+    older[C.IMAGES] = batch[C.IMAGES].clone()
+    older[C.IMAGES][:, 0] = 255 - older[C.IMAGES][:, 0]
+    policy.eval()
+    with torch.no_grad():
+        base = policy(batch)[C.OUT_HEATMAP]
+        assert torch.allclose(policy(older)[C.OUT_HEATMAP], base)
+        newer = dict(batch)
+        newer[C.IMAGES] = batch[C.IMAGES].clone()
+        newer[C.IMAGES][:, 1] = 255 - newer[C.IMAGES][:, 1]
+        assert not torch.allclose(policy(newer)[C.OUT_HEATMAP], base)

@@ -44,7 +44,7 @@ def run_episode(job: tuple) -> dict[str, Any]:
 
     Returns:
         dict with ``obs`` (key -> (T, ...)), ``actions`` (T, 4), ``rewards`` (T,), ``dones`` (T,),
-        ``states`` (T, S), ``success``, ``instruction``, ``task``, ``seed``, ``physics_error``.
+        ``states`` (T, S), ``targets`` (image key -> (T, 2, 2), ``env.target_uv``), ``success``, ``instruction``, ``task``, ``seed``, ``physics_error``.
     """
     import envs
 
@@ -57,12 +57,15 @@ def run_episode(job: tuple) -> dict[str, Any]:
     obs, info = env.reset(seed=seed)
     expert.reset()
     frames: dict[str, list] = {k: [] for k in obs}
+    targets: dict[str, list] = collections.defaultdict(list)
     actions, rewards, states = [], [], []
     done = False
     while not done:
         states.append(env.get_state())
         for k, v in obs.items():
             frames[k].append(v)
+        for k, v in env.target_uv().items():
+            targets[k].append(v)
         action = expert.act(obs)
         obs, reward, terminated, truncated, info = env.step(action)
         actions.append(action)
@@ -76,6 +79,7 @@ def run_episode(job: tuple) -> dict[str, Any]:
         "rewards": np.asarray(rewards, dtype=np.float32),
         "dones": dones,
         "states": np.stack(states),
+        "targets": {k: np.stack(v) for k, v in targets.items()},
         "success": bool(info["is_success"]),
         "physics_error": bool(info["physics_error"]),
         "instruction": info["instruction"],
@@ -135,7 +139,9 @@ def _collect_task(task: str, cfg: Config, writer: DemoWriter, instructions: list
             if ep["success"] or c.keep_failures:
                 attrs = {"language_instruction": ep["instruction"], "task": task, "seed": ep["seed"]}
                 attrs["success"] = ep["success"]
-                writer.add_demo(ep["obs"], ep["actions"], ep["rewards"], ep["dones"], ep["states"], attrs)
+                writer.add_demo(
+                    ep["obs"], ep["actions"], ep["rewards"], ep["dones"], ep["states"], attrs, ep["targets"]
+                )
                 instructions.append(ep["instruction"])
                 kept += 1
                 bar.update(1)

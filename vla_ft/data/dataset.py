@@ -42,6 +42,7 @@ class DatasetInfo:
     num_train_samples: int
     instructions: list[str] | None = None  # distinct instructions (train + val)
     waypoint_key: str | None = None  # state key the WAYPOINT targets come from (None: no targets)
+    files_without_targets: list[str] | None = None  # files lacking TARGET_UV labels ([]: all have them)
 
     def obs_spec(self) -> ObsSpec:
         """The ObsSpec the policy uses at inference (same as the dataset's)."""
@@ -228,6 +229,7 @@ def build_trajectory_datasets(
         num_train_samples=len(train),
         instructions=instructions,
         waypoint_key=wp_key,
+        files_without_targets=[s.path for s in scans if not s.has_targets],
     )
     return train, val, info
 

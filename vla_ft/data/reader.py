@@ -48,6 +48,9 @@ class Demo:
     state: np.ndarray  # (T, S) float32
     instruction: str
     task: str
+    # (T, K, 2, 2) float32: image (x, y) of the named object and the destination per camera, from
+    # data/demo_i/targets/<image key> (our collector writes them); None when the demo has none
+    targets: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -67,6 +70,11 @@ class FileScan:
     demos: list[Demo]
     masks: dict[str, list[str]] = field(default_factory=dict)  # filter key -> demo names
     skipped: list[str] = field(default_factory=list)  # demos dropped for NaN/Inf (bad_demos=skip)
+
+    @property
+    def has_targets(self) -> bool:
+        """Every demo carries grounding targets for every camera (``targets/<image key>``)."""
+        return all(d.targets is not None for d in self.demos)
 
     def frame_bytes(self) -> int:
         """RAM one frame of all cameras takes (stored size)."""
@@ -274,6 +282,23 @@ class _DemoChecker:
             parts.append(arr)
         return np.concatenate(parts, axis=1) if parts else np.zeros((length, 0), np.float32)
 
+    def targets(self, grp: h5py.Group, name: str, length: int) -> np.ndarray | None:
+        """(T, K, 2, 2) grounding targets of every camera, or None when the demo has none."""
+        group = grp.get("targets")
+        if not isinstance(group, h5py.Group) or not all(k in group for k in self.image_keys):
+            return None
+        parts = []
+        for key in self.image_keys:
+            arr = group[key][()]
+            if arr.shape != (length, 2, 2):
+                raise self.fail(
+                    f"{name}/targets/{key}",
+                    f"expected (T, 2, 2) = ({length}, 2, 2) image positions, got {arr.shape}; "
+                    f"re-collect the file or delete the targets group",
+                )
+            parts.append(arr.astype(np.float32, copy=False))
+        return np.stack(parts, axis=1)
+
 
 def scan_file(path: str, cfg: DataConfig) -> FileScan:
     """Check a trajectory file and read its low-dim data. See the module docstring.
@@ -334,7 +359,8 @@ def _scan(path: str, cfg: DataConfig, where: list[str]) -> FileScan:
                 continue
             instruction = _instruction(grp, file_lang, cfg)
             task = _text(grp.attrs["task"]).strip() if "task" in grp.attrs else instruction
-            demos.append(Demo(name, actions, state, instruction, task))
+            targets = check.targets(grp, name, len(actions))
+            demos.append(Demo(name, actions, state, instruction, task, targets))
         if skipped:
             warnings.warn(
                 f"{path}: skipped {len(skipped)} of {len(names)} demos with NaN/Inf values "

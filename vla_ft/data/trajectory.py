@@ -22,7 +22,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from vla_ft.constants import ACTION, ACTION_IS_PAD, INSTR_IDS, INSTR_MASK, PROGRESS, TASK_ID, WAYPOINT
+from vla_ft.constants import (
+    ACTION,
+    ACTION_IS_PAD,
+    INSTR_IDS,
+    INSTR_MASK,
+    PROGRESS,
+    TARGET_UV,
+    TASK_ID,
+    WAYPOINT,
+)
 from vla_ft.data.normalize import Normalizer
 from vla_ft.data.reader import FileScan, open_h5_handle, read_frames
 from vla_ft.data.sampler import ResumableSampler
@@ -130,7 +139,7 @@ class TrajectoryDataset(Dataset):
         self.instructions = list(instructions)
         self.file_weights = None if file_weights is None else list(file_weights)
         self.refs: list[DemoRef] = []
-        actions, states = [], []
+        actions, states, targets = [], [], []
         for f, (scan, names) in enumerate(zip(scans, demos)):
             by_name = {d.name: d for d in scan.demos}
             for name in names:
@@ -138,6 +147,7 @@ class TrajectoryDataset(Dataset):
                 self.refs.append(DemoRef(f, name, d.length, instruction_of[(f, name)], task_of[(f, name)]))
                 actions.append(d.actions)
                 states.append(d.state)
+                targets.append(d.targets)
         if not self.refs:
             raise ValueError("TrajectoryDataset needs at least one demo")
         lengths = np.array([r.length for r in self.refs], dtype=np.int64)
@@ -163,6 +173,10 @@ class TrajectoryDataset(Dataset):
                 else np.maximum(raw.std(0), 1e-3).astype(np.float32)
             )
             self.waypoints = (raw / self.waypoint_scale).astype(np.float32)
+        # (N, K, 2, 2) TARGET_UV labels, only when every demo of every file has them
+        self.target_uv: np.ndarray | None = (
+            np.concatenate(targets) if all(s.has_targets for s in scans) else None
+        )
         self.image_cache: dict[int, list[np.ndarray]] | None = None  # size id -> per camera slot
         self._handles: dict[int, h5py.File] = {}
         self._datasets: dict[tuple[int, str, str], h5py.Dataset] = {}
@@ -298,6 +312,8 @@ class TrajectoryDataset(Dataset):
         batch[PROGRESS] = torch.from_numpy((t / np.maximum(length - 1, 1)).astype(np.float32))
         if self.waypoints is not None:
             batch[WAYPOINT] = torch.from_numpy(self.waypoints[idx])
+        if self.target_uv is not None:
+            batch[TARGET_UV] = torch.from_numpy(self.target_uv[idx])
         if self.tokens is not None:
             instr = self.demo_instr[dt]
             batch[INSTR_IDS] = self.tokens.ids[instr]

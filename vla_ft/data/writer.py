@@ -9,6 +9,8 @@ Layout (docs/interfaces.md)::
     data/demo_<i>/rewards    float32 (T,)
     data/demo_<i>/dones      uint8 (T,)
     data/demo_<i>/states     float64 (T, S)
+    data/demo_<i>/targets/<image key>  float32 (T, 2, 2) optional: image (x, y) of the named object
+                             and the destination (labels of the ``grounding`` loss term)
     mask/train, mask/valid   byte-string demo names
 
 The file is written to ``<path>.tmp`` and renamed to ``<path>`` only by :meth:`DemoWriter.close`;
@@ -67,6 +69,7 @@ class DemoWriter:
         dones: np.ndarray,
         states: np.ndarray,
         attrs: dict[str, Any],
+        targets: dict[str, np.ndarray] | None = None,
     ) -> str:
         """Write one demo; every array has leading length T. Returns its name (``demo_<i>``).
 
@@ -74,9 +77,14 @@ class DemoWriter:
             obs: key -> (T, ...) arrays; uint8 (T, H, W, 3) arrays are stored as images.
             actions: (T, A). rewards: (T,). dones: (T,). states: (T, S).
             attrs: per-demo attributes (``language_instruction``, ``task``, ``seed``, ...).
+            targets: image key -> float32 (T, 2, 2) image positions of the instruction's objects
+                (``TabletopEnv.target_uv``), stored as ``targets/<image key>``: labels for the
+                ``grounding`` loss term, never model inputs.
         """
         steps = len(actions)
+        targets = targets or {}
         arrays = {"actions": actions, "rewards": rewards, "dones": dones, "states": states, **obs}
+        arrays.update({f"targets/{k}": v for k, v in targets.items()})
         for key, arr in arrays.items():
             if len(arr) != steps:
                 raise DataError(
@@ -103,6 +111,8 @@ class DemoWriter:
                 )
             else:
                 obs_grp.create_dataset(key, data=arr)
+        for key, arr in targets.items():
+            grp.create_dataset(f"targets/{key}", data=np.asarray(arr, dtype=np.float32))
         grp.attrs["num_samples"] = steps
         for key, value in attrs.items():
             grp.attrs[key] = value

@@ -69,9 +69,21 @@ class NativeBackbone(nn.Module):
         self.hidden_size = d
         self.vocab_size = int(self.language.model.get_input_embeddings().num_embeddings)
 
-    def encode_images(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """float (N, 3, H, W) in [0, 1] (+ (N, D) FiLM conditioning) -> (N, P, D) tokens."""
-        return self.projector(self.vision(images, cond))
+    @property
+    def has_heatmaps(self) -> bool:
+        """The vision encoder has spatial-softmax keypoints whose heat maps ``heatmaps`` returns."""
+        return self.vision.keypoints is not None
+
+    def encode_images(
+        self, images: torch.Tensor, cond: torch.Tensor | None = None, heatmaps: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """float (N, 3, H, W) in [0, 1] (+ (N, D) FiLM conditioning) -> (N, P, D) tokens.
+
+        With ``heatmaps=True`` also the keypoint heat-map logits (N, K, h, w) (None without keypoints).
+        """
+        tokens, heat = self.vision(images, cond, heatmaps=True)
+        tokens = self.projector(tokens)
+        return (tokens, heat) if heatmaps else tokens
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Instruction alone through the language model -> (B, D) mean over its real tokens."""

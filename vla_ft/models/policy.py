@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vla_ft.config import ModelConfig
-from vla_ft.constants import IMAGES, INSTR_IDS, INSTR_MASK, OUT_ACTION, OUT_HIDDEN, STATE
+from vla_ft.constants import IMAGES, INSTR_IDS, INSTR_MASK, OUT_ACTION, OUT_HEATMAP, OUT_HIDDEN, STATE
 from vla_ft.models.heads import ACTION_HEADS, TaskHead
 
 
@@ -100,7 +100,10 @@ class VLAPolicy(nn.Module):
         """The binned head (``to_bins`` / ``from_bins`` / ``centers``) or None for continuous."""
         return self.action_head if self.cfg.action_head == "binned" else None
 
-    def _sequence(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sequence(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input embeddings (B, N, D), attention mask (B, N), heat maps (B, K, P, h, w) or None)."""
         images = batch[IMAGES]  # (B, T, K, 3, H, W) uint8
         b, t, k = images.shape[:3]
         x = images.reshape(b * t * k, *images.shape[3:]).float() / 255.0
@@ -113,9 +116,14 @@ class VLAPolicy(nn.Module):
             if self.state_film is not None:
                 cond = cond + self.state_film(batch[STATE].reshape(b, -1).to(cond.dtype))
             cond = cond.repeat_interleave(t * k, dim=0)  # (B*T*K, D)
-            img = self.backbone.encode_images(x, cond)  # (B*T*K, P, D)
         else:
-            img = self.backbone.encode_images(x)  # (B*T*K, P, D)
+            cond = None
+        heat = None
+        if getattr(self.backbone, "has_heatmaps", False):
+            img, heat = self.backbone.encode_images(x, cond, heatmaps=True)  # (B*T*K, P, D), (B*T*K, Q, h, w)
+            heat = heat.reshape(b, t, k, *heat.shape[1:])[:, -1]  # (B, K, Q, h, w): the current frame
+        else:
+            img = self.backbone.encode_images(x) if cond is None else self.backbone.encode_images(x, cond)
         img = img.reshape(b, t * k, img.shape[1], -1) + self.view_embed[:, None].to(img.dtype)
         img = img.reshape(b, -1, img.shape[-1])  # (B, T*K*P, D)
         parts = [img]
@@ -128,7 +136,7 @@ class VLAPolicy(nn.Module):
         ones = mask.new_ones
         n_pre = seq.shape[1] - ids.shape[1] - self.dims.chunk - 1
         attn = torch.cat([ones(b, n_pre), mask, ones(b, self.dims.chunk + 1)], dim=1)  # (B, N)
-        return seq, attn
+        return seq, attn, heat
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Predict the normalized action chunk and task outputs; the batch is not modified.
@@ -138,14 +146,17 @@ class VLAPolicy(nn.Module):
 
         Returns:
             OUT_ACTION (B, H, A) [+ OUT_ACTION_LOGITS (B, H, A, NB)], OUT_TASK_LOGITS (B, NT),
-            OUT_PROGRESS (B,), OUT_HIDDEN (B, N, D).
+            OUT_PROGRESS (B,), OUT_WAYPOINT (B, 3), OUT_HIDDEN (B, N, D) [+ OUT_HEATMAP (B, K, Q, h, w)
+            with a keypoint backbone].
         """
-        seq, attn = self._sequence(batch)
+        seq, attn, heat = self._sequence(batch)
         hidden = self.backbone(seq, attn)  # (B, N, D)
         h = self.dims.chunk
         out = dict(self.action_head(hidden[:, -h - 1 : -1].float()))
         out.update(self.task_head(hidden[:, -1].float()))
         out[OUT_HIDDEN] = hidden
+        if heat is not None:
+            out[OUT_HEATMAP] = heat
         return out
 
     def set_gradient_checkpointing(self, enable: bool) -> None:

@@ -65,19 +65,26 @@ class SpatialSoftmax(nn.Module):
         self.log_temperature = nn.Parameter(torch.zeros(()))
         self.out = nn.Linear(2 + channels if per_keypoint else 2 * keypoints, out_dim)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) -> (N, 1, out_dim), or (N, K, out_dim) with ``per_keypoint``."""
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C, h, w) -> tokens (N, 1, out_dim) (or (N, K, out_dim) with ``per_keypoint``) and the
+        heat-map logits (N, K, h, w) (temperature applied; their softmax is each keypoint's weights).
+
+        Coordinates are cell centres in [-1, 1] (x right, y down), the convention of
+        ``envs.rendering.project``, so a heat map can be supervised with a projected object position
+        (the ``grounding`` loss term).
+        """
         n, _, h, w = feats.shape
         logits = self.heatmaps(feats).flatten(2) / self.log_temperature.exp()  # (N, K, h*w)
-        ys = torch.linspace(-1.0, 1.0, h, device=feats.device, dtype=logits.dtype)
-        xs = torch.linspace(-1.0, 1.0, w, device=feats.device, dtype=logits.dtype)
+        ys = torch.linspace(-1.0 + 1.0 / h, 1.0 - 1.0 / h, h, device=feats.device, dtype=logits.dtype)
+        xs = torch.linspace(-1.0 + 1.0 / w, 1.0 - 1.0 / w, w, device=feats.device, dtype=logits.dtype)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (h*w, 2)
         attn = logits.softmax(-1)  # (N, K, h*w)
         points = attn @ grid  # (N, K, 2)
+        heat = logits.reshape(n, -1, h, w)
         if self.per_keypoint:
             what = attn @ feats.flatten(2).transpose(1, 2)  # (N, K, C): the feature under each heat map
-            return self.out(torch.cat([points, what], dim=-1))  # (N, K, out_dim)
-        return self.out(points.reshape(n, -1))[:, None]
+            return self.out(torch.cat([points, what], dim=-1)), heat  # (N, K, out_dim)
+        return self.out(points.reshape(n, -1))[:, None], heat
 
 
 class TimmVisionEncoder(nn.Module):
@@ -144,15 +151,18 @@ class TimmVisionEncoder(nn.Module):
                 nn.init.zeros_(layer.bias)
                 self.model.get_submodule(stage).register_forward_hook(_apply_film)
 
-    def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, cond: torch.Tensor | None = None, heatmaps: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Encode images.
 
         Args:
             images: float (N, 3, H, W) in [0, 1].
             cond: float (N, film_dim) conditioning vectors; required when FiLM is on.
+            heatmaps: also return the keypoint heat-map logits (N, K, h, w) (None without keypoints).
 
         Returns:
-            float (N, P, C) tokens.
+            float (N, P, C) tokens (and the heat maps when asked).
         """
         if self.film is not None:
             if cond is None:
@@ -165,13 +175,16 @@ class TimmVisionEncoder(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(x)
+        heat = None
         if feats.dim() == 4:  # (N, C, h, w) CNN map
             tokens = F.adaptive_avg_pool2d(feats, self.pool_grid).flatten(2).transpose(1, 2)  # (N, g*g, C)
             if self.keypoints is not None:
-                tokens = torch.cat([tokens, self.keypoints(feats)], dim=1)  # (N, g*g + 1 or K, C)
-            return tokens
+                kp_tokens, heat = self.keypoints(feats)
+                tokens = torch.cat([tokens, kp_tokens], dim=1)  # (N, g*g + 1 or K, C)
+            return (tokens, heat) if heatmaps else tokens
         if feats.dim() == 3:  # (N, P, C) transformer tokens
-            return feats[:, self.num_prefix :]
+            tokens = feats[:, self.num_prefix :]
+            return (tokens, None) if heatmaps else tokens
         raise ValueError(f"timm model returned features of shape {tuple(feats.shape)}; expected 3 or 4 dims")
 
     def own_parameter_names(self) -> list[str]:

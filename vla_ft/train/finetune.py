@@ -190,6 +190,13 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     return result
 
 
+def _heatmap_count(policy: torch.nn.Module) -> int:
+    """Keypoint heat maps per image of the policy's vision encoder (0: none, e.g. a VLM backbone)."""
+    if not getattr(policy.backbone, "has_heatmaps", False):
+        return 0
+    return int(policy.backbone.vision.keypoints.heatmaps.out_channels)
+
+
 def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
     from vla_ft.data.augment import Augmenter
     from vla_ft.data.dataset import build_datasets
@@ -218,7 +225,23 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
             f"keys {info.state_keys} is one (data.waypoint_key={cfg.data.waypoint_key!r}); set "
             f"data.waypoint_key, or drop 'waypoint' from loss.task_terms"
         )
+    grounding = cfg.loss.task_terms.get("grounding", 0) > 0
+    if grounding and info.files_without_targets:
+        raise ConfigError(
+            f"loss.task_terms.grounding needs the image positions of the instruction's objects "
+            f"(data/demo_i/targets/<camera>, written by scripts/collect_demos.py since 2026-11-23), but "
+            f"{', '.join(info.files_without_targets)} has none for cameras {info.image_keys}; re-collect "
+            f"it (delete the file when data.collect_if_missing is on), or drop 'grounding' from "
+            f"loss.task_terms"
+        )
     policy = load_vla(model_cfg, info)
+    if grounding and _heatmap_count(policy) < 2:
+        raise ConfigError(
+            f"loss.task_terms.grounding needs a backbone with at least 2 spatial-softmax keypoints (heat "
+            f"map 0 = the named object, 1 = the destination); this model has {_heatmap_count(policy)}: "
+            f"use the tiny preset or set model.extra.keypoints >= 2, or drop 'grounding' from "
+            f"loss.task_terms"
+        )
     if resume_ckpt is None:
         policy.set_normalizer(info.normalizer)
     policy = apply_lora(policy, cfg.model.lora, resume=resume_ckpt)  # r=0 (full FT): unchanged
