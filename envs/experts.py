@@ -38,6 +38,7 @@ class Phase:
     min_steps: int = 0
     max_speed: float = 1.0  # cap on |action| per axis
     track: bool = True  # re-evaluate the target every step (False: freeze at phase start)
+    min_speed: float = 0.0  # floor on the norm of the xyz command until the phase is done
 
 
 def _obj(env: TabletopEnv, slot: str, offset=(0.0, 0.0, 0.0)) -> np.ndarray:
@@ -58,14 +59,16 @@ def _grasp(slot: str) -> list[Phase]:
     ]
 
 
-def _release_above(place: Callable[[TabletopEnv], np.ndarray]) -> list[Phase]:
+def _release_above(
+    place: Callable[[TabletopEnv], np.ndarray], tol: float = 0.008, min_speed: float = 0.0
+) -> list[Phase]:
     def above(e: TabletopEnv) -> np.ndarray:
         p = place(e)
         return np.array([p[0], p[1], CARRY_Z])
 
     return [
         Phase(above, CLOSE, tol=0.012),
-        Phase(place, CLOSE, tol=0.008, max_speed=0.6),
+        Phase(place, CLOSE, tol=tol, max_speed=0.6, min_speed=min_speed),
         Phase(lambda e: e.sim.tcp(), OPEN, tol=1.0, min_steps=5, track=False),
         Phase(above, OPEN, tol=0.02, track=False),
     ]
@@ -80,7 +83,11 @@ def _plan(env: TabletopEnv) -> list[Phase]:
         return [*_grasp(src)[:3], Phase(lambda e: _xy_at(e, src, 0.17), CLOSE, tol=0.01, track=False)]
     if name == "pick_place":
         dst = g.dst_slot
-        return [*_grasp(src), *_release_above(lambda e: _xy_at(e, dst, 0.085))]
+        # Release within 1.5 cm of the drop point, approached at >= 5 mm/step: with the proportional
+        # approach and an 8 mm tolerance the command faded to ~0 near the drop point, and fine-tuned
+        # policies hovered 1 cm from it holding the cube until the timeout (6 of 10 episodes,
+        # docs/training.md "Fourth round"). Stack keeps the tight drop (the cube lands on a cube).
+        return [*_grasp(src), *_release_above(lambda e: _xy_at(e, dst, 0.085), tol=0.015, min_speed=0.25)]
     if name == "stack":
         dst = g.dst_slot
         return [
@@ -143,6 +150,9 @@ class ScriptedExpert:
             self._frozen = None
         self._steps_in_phase += 1
         delta = np.clip(GAIN * (target - tcp) / self.env.action_scale, -ph.max_speed, ph.max_speed)
+        norm = float(np.linalg.norm(delta))
+        if 0.0 < norm < ph.min_speed:
+            delta = delta * (ph.min_speed / norm)
         if self.noise > 0:
             delta = delta + self.rng.normal(0.0, self.noise, size=3)
         return np.clip(np.append(delta, ph.grip), -1.0, 1.0).astype(np.float32)

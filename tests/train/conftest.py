@@ -14,7 +14,10 @@ COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 
 
 def write_reach_file(path: Path, demos: int = 8, steps: int = 16, size: int = 32, seed: int = 0) -> Path:
-    """Demos of a point moving to a colored target: the action is a function of state and image."""
+    """Demos of a point moving to a colored target: the action is a function of state and image.
+
+    The square's image position is stored as the grounding targets (row 0; no destination), so the
+    configs' `grounding` loss term trains on this file too."""
     rng = np.random.default_rng(seed)
     with DemoWriter(path, {"env_name": "synthetic_reach"}, {"language_instruction": "reach"}) as w:
         for d in range(demos):
@@ -22,10 +25,14 @@ def write_reach_file(path: Path, demos: int = 8, steps: int = 16, size: int = 32
             goal = rng.uniform(-0.5, 0.5, size=3).astype(np.float32)
             pos = np.zeros(3, np.float32)
             imgs, wrist, ee, grip, acts = [], [], [], [], []
+            px = int((goal[0] + 0.5) * (size - 8))
+            py = int((goal[1] + 0.5) * (size - 8))
+            uv = np.full((steps, 2, 2), np.nan, np.float32)
+            uv[:, 0] = [(px + 4) / size * 2 - 1, (py + 4) / size * 2 - 1]  # square centre, x right, y down
+            uv_wrist = uv.copy()
+            uv_wrist[:, 0, 1] *= -1  # the wrist image is the agentview image upside down
             for t in range(steps):
                 img = np.full((size, size, 3), 40, np.uint8)
-                px = int((goal[0] + 0.5) * (size - 8))
-                py = int((goal[1] + 0.5) * (size - 8))
                 img[py : py + 8, px : px + 8] = COLORS[color]
                 act = np.clip((goal - pos) * 4.0, -1, 1).astype(np.float32)
                 g = 1.0 if t > steps // 2 else -1.0
@@ -47,6 +54,7 @@ def write_reach_file(path: Path, demos: int = 8, steps: int = 16, size: int = 32
                 np.eye(1, steps, steps - 1, dtype=np.uint8)[0],
                 np.zeros((steps, 2)),
                 {"language_instruction": f"reach the {color} square", "task": f"reach_{color}"},
+                {"agentview_image": uv, "wrist_image": uv_wrist},
             )
         w.close(valid_fraction=0.25, seed=seed)
     return path
