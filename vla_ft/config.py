@@ -129,9 +129,18 @@ class CollectConfig:
     keep_failures: bool = False
     valid_fraction: float = 0.1  # written as mask/valid (by demo)
     max_attempts_factor: float = 2.0  # give up after episodes * factor attempts per task
+    # keep recording the expert this many steps after success (e.g. the release and retreat of
+    # pick_place: without them a demo holds 2 open-gripper frames and policies never let go)
+    post_success_steps: int = 0
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "collect.tasks", self.tasks, "name at least one task")
+        _check(
+            self.post_success_steps >= 0,
+            "collect.post_success_steps",
+            self.post_success_steps,
+            "use 0 or more",
+        )
         _check(self.episodes >= 1, "collect.episodes", self.episodes, "use 1 or more")
         _check(self.workers >= 1, "collect.workers", self.workers, "use 1 or more")
         _check(self.action_noise >= 0, "collect.action_noise", self.action_noise, "use a std >= 0")

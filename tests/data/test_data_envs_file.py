@@ -21,7 +21,7 @@ def envs_file(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("envs") / "pick_place.hdf5"
     try:
-        eps = [run_episode(("pick_place", s, 0.0, SIZE, ("agentview", "wrist"), STEPS)) for s in SEEDS]
+        eps = [run_episode(("pick_place", s, 0.0, SIZE, ("agentview", "wrist"), STEPS, 0)) for s in SEEDS]
     finally:
         _close_envs()
     with DemoWriter(path, {"env_name": "pick_place"}, {"language_instruction": eps[0]["instruction"]}) as w:

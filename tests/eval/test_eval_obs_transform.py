@@ -38,7 +38,7 @@ class ReplayPolicy:
 
 
 def test_recorded_and_live_frames_give_identical_inputs(tmp_path):
-    demo = run_episode(("pick_place", SEED, 0.0, SIZE, CAMERAS, None))
+    demo = run_episode(("pick_place", SEED, 0.0, SIZE, CAMERAS, None, 0))
     assert demo["success"]
     path = tmp_path / "demo.hdf5"
     with DemoWriter(path, {"task": "pick_place"}, {"language_instruction": demo["instruction"]}) as writer:

@@ -40,15 +40,20 @@ def episode_seed(base_seed: int, task: str, i: int) -> int:
 
 
 def run_episode(job: tuple) -> dict[str, Any]:
-    """Roll the expert out once. ``job = (task, seed, noise, image_size, cameras, max_steps)``.
+    """Roll the expert out once. ``job = (task, seed, noise, image_size, cameras, max_steps, post)``.
+
+    After a success the expert keeps acting for ``post`` more steps (recorded; ``success`` stays the
+    outcome of the episode proper), so a demo shows what follows the success step (pick_place: the
+    gripper opening over the bowl and the hand rising).
 
     Returns:
         dict with ``obs`` (key -> (T, ...)), ``actions`` (T, 4), ``rewards`` (T,), ``dones`` (T,),
-        ``states`` (T, S), ``targets`` (image key -> (T, 2, 2), ``env.target_uv``), ``success``, ``instruction``, ``task``, ``seed``, ``physics_error``.
+        ``states`` (T, S), ``targets`` (image key -> (T, 2, 2), ``env.target_uv``), ``success``,
+        ``instruction``, ``task``, ``seed``, ``physics_error``.
     """
     import envs
 
-    task, seed, noise, image_size, cameras, max_steps = job
+    task, seed, noise, image_size, cameras, max_steps, post = job
     key = (task, image_size, tuple(cameras), max_steps)
     if key not in _ENVS:
         _ENVS[key] = envs.make(task, image_size=image_size, cameras=tuple(cameras), max_steps=max_steps)
@@ -59,7 +64,7 @@ def run_episode(job: tuple) -> dict[str, Any]:
     frames: dict[str, list] = {k: [] for k in obs}
     targets: dict[str, list] = collections.defaultdict(list)
     actions, rewards, states = [], [], []
-    done = False
+    done, extra, outcome = False, 0, None
     while not done:
         states.append(env.get_state())
         for k, v in obs.items():
@@ -70,7 +75,15 @@ def run_episode(job: tuple) -> dict[str, Any]:
         obs, reward, terminated, truncated, info = env.step(action)
         actions.append(action)
         rewards.append(reward)
-        done = terminated or truncated
+        if outcome is None and (terminated or truncated):
+            outcome = info
+        if outcome is not None and outcome["is_success"] and not outcome["physics_error"] and extra < post:
+            extra += 1  # past the success step: keep recording (the env keeps stepping)
+            done = info["physics_error"]
+        else:
+            done = outcome is not None
+    if info["physics_error"]:
+        outcome = info
     dones = np.zeros(len(actions), dtype=np.uint8)
     dones[-1] = 1
     return {
@@ -80,7 +93,7 @@ def run_episode(job: tuple) -> dict[str, Any]:
         "dones": dones,
         "states": np.stack(states),
         "targets": {k: np.stack(v) for k, v in targets.items()},
-        "success": bool(info["is_success"]),
+        "success": bool(outcome["is_success"]) and not info["physics_error"],
         "physics_error": bool(info["physics_error"]),
         "instruction": info["instruction"],
         "task": task,
@@ -129,7 +142,15 @@ def _collect_task(task: str, cfg: Config, writer: DemoWriter, instructions: list
     c, e = cfg.collect, cfg.env
     attempts = math.ceil(c.episodes * c.max_attempts_factor)
     jobs = [
-        (task, episode_seed(c.seed, task, i), c.action_noise, e.image_size, tuple(e.cameras), e.max_steps)
+        (
+            task,
+            episode_seed(c.seed, task, i),
+            c.action_noise,
+            e.image_size,
+            tuple(e.cameras),
+            e.max_steps,
+            c.post_success_steps,
+        )
         for i in range(attempts)
     ]
     kept = tried = 0
