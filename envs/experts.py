@@ -83,11 +83,12 @@ def _plan(env: TabletopEnv) -> list[Phase]:
         return [*_grasp(src)[:3], Phase(lambda e: _xy_at(e, src, 0.17), CLOSE, tol=0.01, track=False)]
     if name == "pick_place":
         dst = g.dst_slot
-        # Release within 1.5 cm of the drop point, approached at >= 5 mm/step: with the proportional
+        # Release within 3 cm of the drop point, approached at >= 5 mm/step: with the proportional
         # approach and an 8 mm tolerance the command faded to ~0 near the drop point, and fine-tuned
-        # policies hovered 1 cm from it holding the cube until the timeout (6 of 10 episodes,
-        # docs/training.md "Fourth round"). Stack keeps the tight drop (the cube lands on a cube).
-        return [*_grasp(src), *_release_above(lambda e: _xy_at(e, dst, 0.085), tol=0.015, min_speed=0.25)]
+        # policies hovered 1 cm from it holding the cube until the timeout (6 of 10 episodes); a
+        # wide release band gives them one consistent "open here" (docs/training.md "Fourth round").
+        # Stack keeps the tight drop (the cube lands on a cube).
+        return [*_grasp(src), *_release_above(lambda e: _xy_at(e, dst, 0.085), tol=0.03, min_speed=0.25)]
     if name == "stack":
         dst = g.dst_slot
         return [

@@ -127,3 +127,27 @@ def test_demos_of_an_older_env_version_get_a_warning(tmp_path, capsys):
     assert collect.warn_stale_env(cfg.data.paths) == [str(out)]
     err = capsys.readouterr().err
     assert f"{out} was collected with env_version 0.1" in err and "delete it to re-collect" in err
+
+
+def test_post_success_steps_record_the_release_after_the_success_step():
+    """pick_place demos end at the success step with 2 open-gripper frames; post_success_steps keeps
+    the expert going (gripper open, hand rising) so policies see the release."""
+    import envs
+
+    job = ("pick_place", 5, 0.0, 32, ("agentview",), None)
+    plain, more = collect.run_episode((*job, 0)), collect.run_episode((*job, 8))
+    assert plain["success"] and more["success"]
+    n = len(plain["actions"])
+    assert len(more["actions"]) == n + 8
+    np.testing.assert_array_equal(more["actions"][:n], plain["actions"][:n])  # same episode up to success
+    assert plain["rewards"][-1] == 1.0 and plain["rewards"][:-1].max() == 0.0  # success is the last step
+    assert (more["actions"][n - 1 :, 3] == -1.0).all()  # open all through the extra steps
+    assert more["obs"]["ee_pos"][-1, 2] > more["obs"]["ee_pos"][n - 1, 2] + 0.02  # the hand rises
+    assert more["targets"]["agentview_image"].shape == (n + 8, 2, 2)
+    # a failed episode gets no extra steps: an expert that never reaches success within 10 steps
+    short = collect.run_episode(("pick_place", 5, 0.0, 32, ("agentview",), 10, 8))
+    assert not short["success"] and len(short["actions"]) == 10
+    env = envs.make("pick_place", image_size=32, cameras=("agentview",))
+    env.reset(seed=5)
+    assert plain["instruction"] == env.unwrapped.instruction
+    env.close()

@@ -75,6 +75,8 @@ def test_unknown_section_is_an_error():
         ("loss.action=l3", r"loss\.action: unknown value"),
         ("data.paths=foo.hdf5", r"data\.paths: expected list"),
         ("train.module_lr={visoin: 0.1}", r"vision, language"),
+        ("collect.post_success_steps=-1", r"collect\.post_success_steps=-1.*use 0 or more"),
+        ("loss.task_terms={groundng: 1.0}", r"task_id, progress, waypoint, grounding"),
     ],
 )
 def test_bad_values_are_one_clear_error(override, pattern):
