@@ -69,10 +69,11 @@ def test_main_job_end_to_end_and_the_base_zero_shot_on_the_same_episodes(tmp_pat
     """The main job on a reduced budget: collect, fine-tune every parameter of the shipped base,
     evaluate; then the base zero-shot on the same seeded episodes.
 
-    Issue 8 asks for "fine-tuned beats zero-shot" here. It is NOT asserted: at the full budget the
-    fine-tuned policy still scores 0/100 (README, docs/training.md), so on this budget both are 0
-    and the comparison would fail. What is asserted is everything the comparison needs: both runs
-    finish, score the same episodes, and report consistent numbers.
+    Issue 8 asks for "fine-tuned beats zero-shot" here. It is NOT asserted yet: at the full budget
+    (600 demos, 1,500 steps, ~11 min) the fine-tuned policy scores 70/100 and the base 0/100 on the
+    same episodes (README), but a budget CI can afford does not succeed at all (200 demos, 500 steps:
+    0/20, 2026-11-23), so both would be 0 here. What is asserted is everything the comparison needs:
+    both runs finish, score the same episodes, and report consistent numbers.
     """
     episodes = 6
     common = [
