@@ -71,8 +71,8 @@ def test_main_job_end_to_end_and_the_base_zero_shot_on_the_same_episodes(tmp_pat
 
     Issue 8 asks for "fine-tuned beats zero-shot" here. It is NOT asserted yet: at the full budget
     (600 demos, 1,500 steps, ~11 min) the fine-tuned policy scores 70/100 and the base 0/100 on the
-    same episodes (README), but a budget CI can afford does not succeed at all (200 demos, 500 steps:
-    0/20, 2026-11-23), so both would be 0 here. What is asserted is everything the comparison needs:
+    same episodes (README), but the budgets CI can afford do not succeed at all (200 demos, 500
+    steps: 0/20; the 600 demos, 800 steps: 0/20; 2026-11-23), so both would be 0 here. What is asserted is everything the comparison needs:
     both runs finish, score the same episodes, and report consistent numbers.
     """
     episodes = 6
