@@ -323,3 +323,23 @@ def test_resume_with_ema_from_a_checkpoint_path_continues_exactly(tiny_cfg):
     ema_b = VLAPolicy.from_pretrained(resumed.run_dir / "last").state_dict()
     for name, value in ema_a.items():
         torch.testing.assert_close(ema_b[name], value, msg=name)
+
+
+def test_grounding_term_refuses_a_model_without_heat_maps_or_a_file_without_targets(
+    reach_file, tmp_path, tiny_cfg, tiny_overrides
+):
+    import shutil
+
+    import h5py
+
+    from vla_ft.config import load_config
+
+    with pytest.raises(ConfigError, match="keypoints >= 2"):
+        run_finetune(tiny_cfg(**{"model.preset": "tiny-vlm"}))
+    plain = shutil.copy(reach_file, tmp_path / "plain.hdf5")
+    with h5py.File(plain, "a") as f:
+        for grp in f["data"].values():
+            del grp["targets"]
+    cfg = load_config("pick_place.yaml", tiny_overrides(plain, tmp_path / "runs"))
+    with pytest.raises(ConfigError, match=r"plain\.hdf5 has none for cameras.*re-collect"):
+        run_finetune(cfg)
