@@ -165,10 +165,10 @@ class TabletopEnv(gym.Env):
         points[0] = sim.pos(goal.src_slot)
         if goal.dst >= 0:
             points[1] = sim.pos(goal.dst_slot)
+        known = np.isfinite(points[:, 0])
         out = {}
         for cam in self.cameras:
             uv = np.full((2, 2), np.nan)
-            known = np.isfinite(points[:, 0])
             uv[known] = project(sim.model, sim.data, cam, points[known])
             out[f"{cam}_image"] = uv.astype(np.float32)
         return out

@@ -96,12 +96,12 @@ GROUNDING_SIGMA_CELLS = 1.0  # std of the Gaussian target around the object, in 
 def grounding_targets(uv: Tensor, h: int, w: int, sigma_cells: float = GROUNDING_SIGMA_CELLS) -> Tensor:
     """Soft targets (..., h*w) over the cell centres of an h x w heat map: a Gaussian at ``uv`` (..., 2).
 
-    Cell centres are at ``-1 + (2i + 1) / n`` (x over w, y over h), as in ``SpatialSoftmax``; sigma is
+    The cells are the keypoint layer's own (``vla_ft.models.vision.cell_centres``); sigma is
     ``sigma_cells`` cells. Rows of non-finite ``uv`` come out NaN (mask them).
     """
-    ys = torch.linspace(-1.0 + 1.0 / h, 1.0 - 1.0 / h, h, device=uv.device)
-    xs = torch.linspace(-1.0 + 1.0 / w, 1.0 - 1.0 / w, w, device=uv.device)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (h*w, 2)
+    from vla_ft.models.vision import cell_centres  # here: importing the losses stays free of timm
+
+    grid = cell_centres(h, w, uv.device)  # (h*w, 2)
     scale = torch.tensor([2.0 / w, 2.0 / h], device=uv.device) * sigma_cells  # one cell = 2/n
     d2 = (((grid - uv[..., None, :]) / scale) ** 2).sum(-1)  # (..., h*w)
     return torch.softmax(-0.5 * d2, dim=-1)

@@ -77,13 +77,9 @@ def run_episode(job: tuple) -> dict[str, Any]:
         rewards.append(reward)
         if outcome is None and (terminated or truncated):
             outcome = info
-        if outcome is not None and outcome["is_success"] and not outcome["physics_error"] and extra < post:
-            extra += 1  # past the success step: keep recording (the env keeps stepping)
-            done = info["physics_error"]
-        else:
-            done = outcome is not None
-    if info["physics_error"]:
-        outcome = info
+        if outcome is not None:  # past a success the env keeps stepping: record `post` more steps
+            done = not outcome["is_success"] or extra == post or info["physics_error"]
+            extra += 1
     dones = np.zeros(len(actions), dtype=np.uint8)
     dones[-1] = 1
     return {

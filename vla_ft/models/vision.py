@@ -48,6 +48,14 @@ def create_timm(name: str, kwargs: dict[str, Any], pretrained_path: str | None) 
     return timm.create_model(name, num_classes=0, global_pool="", **kwargs, **extra)
 
 
+def cell_centres(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """(h*w, 2) image (x, y) of the cell centres of an h x w map, row-major: ``-1 + (2i + 1) / n``
+    in [-1, 1], x right and y down (the convention of ``envs.rendering.project``)."""
+    ys = torch.linspace(-1.0 + 1.0 / h, 1.0 - 1.0 / h, h, device=device, dtype=dtype)
+    xs = torch.linspace(-1.0 + 1.0 / w, 1.0 - 1.0 / w, w, device=device, dtype=dtype)
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)
+
+
 class SpatialSoftmax(nn.Module):
     """Feature map -> K soft keypoints (expected x, y under a per-channel softmax) -> tokens.
 
@@ -75,9 +83,7 @@ class SpatialSoftmax(nn.Module):
         """
         n, _, h, w = feats.shape
         logits = self.heatmaps(feats).flatten(2) / self.log_temperature.exp()  # (N, K, h*w)
-        ys = torch.linspace(-1.0 + 1.0 / h, 1.0 - 1.0 / h, h, device=feats.device, dtype=logits.dtype)
-        xs = torch.linspace(-1.0 + 1.0 / w, 1.0 - 1.0 / w, w, device=feats.device, dtype=logits.dtype)
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (h*w, 2)
+        grid = cell_centres(h, w, feats.device, logits.dtype)  # (h*w, 2)
         attn = logits.softmax(-1)  # (N, K, h*w)
         points = attn @ grid  # (N, K, 2)
         heat = logits.reshape(n, -1, h, w)
