@@ -218,6 +218,8 @@ class TabletopEnv(gym.Env):
             "instruction": self.instruction,
             "task": self.task.name,
             "physics_error": bool(physics_error),
+            # what holds now on the way to success (Task.events): grasped, grasped_other, ...
+            "events": self.task.events(self.sim, self.sim.layout, self.goal),
         }
 
     def env_args(self) -> dict[str, Any]:

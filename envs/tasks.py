@@ -25,6 +25,14 @@ from envs.scene import BOWL_INNER_HALF, BOWLS, CUBES, MOVABLE, RADIUS, SLOTS, La
 GOAL_DIM = 4
 PUSH_DIRS = {0: ("left", -1.0), 1: ("right", 1.0)}  # image left = world -y (camera at +x)
 PUSH_DIST = 0.08  # displacement needed for push success (m)
+HELD_Z = 0.045  # an object counts as held when a finger touches it and its centre is above this (m);
+# cubes and the cylinder rest with their centre at 0.025, so this is 2 cm off the table
+NEAR_DIST = 0.05  # reach's "near" event: the hand within 5 cm of the target (success needs 2.5 cm)
+
+
+def held(sim: Sim, slot: str) -> bool:
+    """Whether ``slot`` is in the gripper and off the table."""
+    return sim.pos(slot)[2] > HELD_Z and sim.touching_fingers(slot) > 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,21 @@ class Task:
     def success(self, sim: Sim, layout: Layout, goal: Goal) -> bool:
         raise NotImplementedError
 
+    def events(self, sim: Sim, layout: Layout, goal: Goal) -> dict[str, bool]:
+        """What holds in the current state on the way to success (the evaluator records the first
+        step each one held, so a failure says how far the episode got and what went wrong).
+
+        Every task whose named object can be picked up reports ``grasped`` (the named object held
+        off the table) and ``grasped_other`` (another object held: the wrong one); subclasses add
+        their own. The keys are the same every step.
+        """
+        if goal.src_slot not in MOVABLE:
+            return {}
+        return {
+            "grasped": held(sim, goal.src_slot),
+            "grasped_other": any(held(sim, s) for s in MOVABLE if s != goal.src_slot),
+        }
+
     def _template(self, rng: np.random.Generator) -> int:
         return int(rng.integers(len(self.templates)))
 
@@ -97,6 +120,11 @@ class PickPlace(Task):
         inside = bool(np.all(np.abs(obj[:2] - bowl[:2]) < BOWL_INNER_HALF - 0.01))
         return inside and obj[2] < 0.06 and sim.touching_fingers(goal.src_slot) == 0
 
+    def events(self, sim, layout, goal):
+        obj, bowl = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
+        over = bool(np.all(np.abs(obj[:2] - bowl[:2]) < BOWL_INNER_HALF - 0.01))  # held or dropped
+        return {**super().events(sim, layout, goal), "over_destination": over}
+
 
 class Reach(Task):
     name = "reach"
@@ -111,6 +139,10 @@ class Reach(Task):
 
     def success(self, sim, layout, goal):
         return bool(np.linalg.norm(sim.tcp() - (sim.pos(goal.src_slot) + self.offset)) < 0.025)
+
+    def events(self, sim, layout, goal):
+        near = np.linalg.norm(sim.tcp() - (sim.pos(goal.src_slot) + self.offset)) < NEAR_DIST
+        return {"near": bool(near), **super().events(sim, layout, goal)}
 
 
 class Lift(Task):
@@ -159,6 +191,11 @@ class Push(Task):
         y0 = layout.xy[goal.src, 1]
         return bool((sim.pos(goal.src_slot)[1] - y0) * PUSH_DIRS[goal.aux][1] >= PUSH_DIST)
 
+    def events(self, sim, layout, goal):
+        y0 = layout.xy[goal.src, 1]
+        halfway = (sim.pos(goal.src_slot)[1] - y0) * PUSH_DIRS[goal.aux][1] >= PUSH_DIST / 2
+        return {"touched": sim.touching_fingers(goal.src_slot) > 0, "halfway": bool(halfway)}
+
 
 class Stack(Task):
     name = "stack"
@@ -177,6 +214,11 @@ class Stack(Task):
         top, bottom = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
         aligned = np.linalg.norm(top[:2] - bottom[:2]) < 0.025 and 0.04 < top[2] - bottom[2] < 0.06
         return bool(aligned and sim.touching_fingers(goal.src_slot) == 0)
+
+    def events(self, sim, layout, goal):
+        top, bottom = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
+        over = np.linalg.norm(top[:2] - bottom[:2]) < 0.025 and top[2] - bottom[2] > 0.03
+        return {**super().events(sim, layout, goal), "over_destination": bool(over)}
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (PickPlace(), Reach(), Lift(), Push(), Stack())}

@@ -40,6 +40,14 @@ def test_expert_scores_at_least_95_percent(tmp_path):
     assert report["overall"]["mean_steps_to_success"] > 0
     assert any("success" in v for v in result.videos) and all(v.endswith(".mp4") for v in result.videos)
     assert "| **all** |" in (tmp_path / "eval.md").read_text()
+    # the expert takes the named cube in every episode and never another object; the first step of
+    # each event is recorded per episode
+    events = report["per_task"]["pick_place"]["events"]
+    assert events["grasped"] >= 19 and events["grasped_other"] == 0
+    for e in result.episodes:
+        if e.success:
+            assert 0 < e.events["grasped"] < e.events["over_destination"] <= e.steps
+    assert "## Events per task" in (tmp_path / "eval.md").read_text()
 
 
 def test_random_policy_scores_about_zero():

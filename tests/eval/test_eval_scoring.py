@@ -43,9 +43,36 @@ def test_wilson_interval_edge_cases():
 
 def _episodes():
     return [
-        EpisodeResult(0, 10, "pick_place", "put the red cube in the blue bowl", True, 40, "success"),
-        EpisodeResult(1, 11, "pick_place", "put the red cube in the blue bowl", False, 160, "timeout"),
-        EpisodeResult(2, 12, "pick_place", "put the green cube in the red bowl", True, 60, "success"),
+        EpisodeResult(
+            0,
+            10,
+            "pick_place",
+            "put the red cube in the blue bowl",
+            True,
+            40,
+            "success",
+            events={"grasped": 12, "grasped_other": None, "over_destination": 30},
+        ),
+        EpisodeResult(
+            1,
+            11,
+            "pick_place",
+            "put the red cube in the blue bowl",
+            False,
+            160,
+            "timeout",
+            events={"grasped": None, "grasped_other": 9, "over_destination": None},
+        ),
+        EpisodeResult(
+            2,
+            12,
+            "pick_place",
+            "put the green cube in the red bowl",
+            True,
+            60,
+            "success",
+            events={"grasped": 20, "grasped_other": 5, "over_destination": 41},
+        ),
         EpisodeResult(3, 13, "reach", "touch the red cube", False, 7, "worker_crash"),
     ]
 
@@ -61,6 +88,14 @@ def test_aggregate_overall_per_task_and_instruction():
     assert scores["per_task"]["reach"].mean_steps_to_success is None
     assert scores["per_instruction"]["put the red cube in the blue bowl"].successes == 1
     assert score_group([]).success_rate == 0.0
+    # episodes in which each event happened; a crash reports none and counts in no column
+    assert scores["per_task"]["pick_place"].events == {
+        "grasped": 2,
+        "grasped_other": 2,
+        "over_destination": 2,
+    }
+    assert overall.events == {"grasped": 2, "grasped_other": 2, "over_destination": 2}
+    assert scores["per_task"]["reach"].events == {}
 
 
 def test_reports_json_and_markdown(tmp_path):
@@ -85,6 +120,10 @@ def test_reports_json_and_markdown(tmp_path):
     md = md_path.read_text()
     assert "| **all** | 2/4 | 50.0% |" in md
     assert "| reach | 0/1 | 0.0% |" in md and "worker_crash: 1" in md
+    assert loaded["episodes"][1]["events"] == {"grasped": None, "grasped_other": 9, "over_destination": None}
+    assert "| pick_place | grasped | grasped_other | over_destination |" in md
+    assert "| of 3 | 2 | 2 | 2 |" in md
+    assert "| reach |" not in md.split("## Events per task")[1]  # no events, no row
 
 
 def test_checkpoint_hash_in_manifest(tmp_path):

@@ -145,7 +145,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     for title, key in (("task", "per_task"), ("instruction", "per_instruction")):
         lines += ["", f"## Per {title}", "", head, sep]
         lines += [_row(name.replace("|", "/"), g) for name, g in report[key].items()]
-    return "\n".join(lines) + "\n"
+    with_events = {t: g for t, g in report["per_task"].items() if g.get("events")}
+    if with_events:
+        lines += [
+            "",
+            "## Events per task",
+            "",
+            "Episodes in which each event happened at least once (`envs.tasks.Task.events`; the first "
+            "step of each is in `eval.json`). `grasped_other` is the wrong object in the gripper.",
+            "",
+        ]
+        for task, g in with_events.items():
+            names = list(g["events"])
+            lines += [
+                f"| {task} | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names),
+                f"| of {g['episodes']} | " + " | ".join(str(g["events"][n]) for n in names) + " |",
+                "",
+            ]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def write_reports(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

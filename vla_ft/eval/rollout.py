@@ -116,10 +116,12 @@ class Rollout:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _finish(self, slot: int, success: bool, steps: int, reason: str, frames: Any = None) -> None:
+    def _finish(
+        self, slot: int, success: bool, steps: int, reason: str, frames: Any = None, events: Any = None
+    ) -> None:
         st = self.active.pop(slot)
         self.results[st.index] = EpisodeResult(
-            st.index, st.seed, st.task, st.instruction, bool(success), int(steps), reason
+            st.index, st.seed, st.task, st.instruction, bool(success), int(steps), reason, events=events or {}
         )
         self.keeper.offer(st.index, success, frames)
 
@@ -182,7 +184,9 @@ class Rollout:
         for payload in replies.values():
             for slot, obs, done in payload:
                 if done is not None:
-                    self._finish(slot, done["success"], done["steps"], done["reason"], done["frames"])
+                    self._finish(
+                        slot, done["success"], done["steps"], done["reason"], done["frames"], done["events"]
+                    )
                 else:
                     st = self.active[slot]
                     st.obs = obs

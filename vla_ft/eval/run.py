@@ -40,7 +40,11 @@ def summary(result: EvalResult) -> str:
         f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%), failures {o['failure_reasons'] or '-'}",
     ]
     for task, g in result.report["per_task"].items():
-        lines.append(f"  {task}: {100 * g['success_rate']:.1f}% of {g['episodes']}")
+        events = ", ".join(f"{name} {n}" for name, n in (g.get("events") or {}).items())
+        lines.append(
+            f"  {task}: {100 * g['success_rate']:.1f}% of {g['episodes']}"
+            + (f" | {events}" if events else "")
+        )
     if result.out_dir is not None:
         lines.append(f"report: {result.out_dir / 'eval.md'}")
     return "\n".join(lines)

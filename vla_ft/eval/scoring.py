@@ -33,6 +33,9 @@ class EpisodeResult:
         steps: environment steps executed (to success, or until the episode ended).
         reason: one of :data:`REASONS`.
         video: path of the saved video, when one was written.
+        events: the task's events (``envs.tasks.Task.events``: ``grasped``, ``grasped_other``,
+            ``over_destination``, ...) -> the first step (1-based) at which each held, None when it
+            never did; empty for envs that report none (gymnasium ids) and crashed episodes.
     """
 
     index: int
@@ -43,6 +46,7 @@ class EpisodeResult:
     steps: int
     reason: str
     video: str | None = None
+    events: dict[str, int | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +87,7 @@ class GroupScore:
     ci95: tuple[float, float]
     mean_steps_to_success: float | None  # None when nothing succeeded
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)  # event -> episodes in which it happened
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -91,10 +96,14 @@ class GroupScore:
 
 
 def score_group(episodes: list[EpisodeResult]) -> GroupScore:
-    """Success rate, Wilson 95% interval, mean steps to success and failure reason counts."""
+    """Success rate, Wilson 95% interval, mean steps to success, failure reason and event counts."""
     n = len(episodes)
     wins = [e for e in episodes if e.success]
     reasons = Counter(e.reason for e in episodes if not e.success)
+    events: dict[str, int] = {}
+    for e in episodes:
+        for name, first in e.events.items():
+            events[name] = events.get(name, 0) + (first is not None)
     return GroupScore(
         episodes=n,
         successes=len(wins),
@@ -102,6 +111,7 @@ def score_group(episodes: list[EpisodeResult]) -> GroupScore:
         ci95=wilson_interval(len(wins), n),
         mean_steps_to_success=(sum(e.steps for e in wins) / len(wins)) if wins else None,
         failure_reasons=dict(sorted(reasons.items())),
+        events=events,
     )
 
 

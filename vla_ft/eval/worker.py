@@ -69,6 +69,12 @@ class _Slot:
         self.obs: dict[str, np.ndarray] = {}
         self.steps = 0
         self.limit = HARD_STEP_CAP
+        self.events: dict[str, int | None] = {}  # event -> first step it held (None: not yet)
+
+    def note_events(self, events: dict[str, bool]) -> None:
+        for name, now in events.items():
+            if self.events.get(name) is None:
+                self.events[name] = self.steps if now else None
 
     def push(self, obs: dict[str, np.ndarray]) -> None:
         self.obs = obs
@@ -105,6 +111,7 @@ def _reset(slot: _Slot, index: int, seed: int, record: bool, expert: Any, max_st
     slot.record = record
     slot.frames.clear()
     slot.steps = 0
+    slot.events = {}
     slot.limit = _episode_limit(slot.env, max_steps)
     slot.push(obs)
     if expert is not None:
@@ -123,6 +130,7 @@ def _step(slot: _Slot, actions: np.ndarray | None, k: int) -> dict[str, Any] | N
         obs, _, terminated, truncated, info = slot.env.step(np.asarray(act, dtype=np.float32))
         slot.steps += 1
         slot.push(obs)
+        slot.note_events(info.get("events") or {})
         reason = None
         if info.get("is_success", False):
             reason = REASON_SUCCESS
@@ -144,6 +152,7 @@ def _step(slot: _Slot, actions: np.ndarray | None, k: int) -> dict[str, Any] | N
                 "steps": slot.steps,
                 "reason": reason,
                 "frames": frames,
+                "events": dict(slot.events),
             }
     return None
 
