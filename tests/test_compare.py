@@ -235,3 +235,17 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path, tiny_base, demos):
     assert "(same run as `full`)" in md and "95% Wilson" in md
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob(".*.tmp"))  # every output written atomically
+
+
+def test_plot_renders_rows_at_0_and_100_percent(tmp_path):
+    """The first full run (2026-11-23) crashed here: 0/100 rows gave a -1e-17 error bar."""
+    from vla_ft.compare_report import render_plot
+
+    rows = []
+    for name, k in (("base", 0), ("full", 100), ("lora_r8", 1), ("failed", 0)):
+        rows.append({
+            "name": name, "status": "ok" if name != "failed" else "failed", "success_rate": k / 100,
+            "ci95": list(wilson_interval(k, 100)), "train_s": 60.0 * (name != "base"), "eval_s": 30.0,
+        })  # fmt: skip
+    path = render_plot({"rows": rows, "budget": {"eval.episodes": 100}}, tmp_path / "comparison.png")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"

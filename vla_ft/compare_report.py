@@ -141,8 +141,10 @@ def render_plot(report: dict[str, Any], path: Path) -> Path:
     x = list(range(len(rows)))
     ok = [r["status"] == "ok" for r in rows]
     rate = [100 * r["success_rate"] if o else 0.0 for r, o in zip(rows, ok)]
-    low = [rate[i] - 100 * r["ci95"][0] if ok[i] else 0.0 for i, r in enumerate(rows)]
-    high = [100 * r["ci95"][1] - rate[i] if ok[i] else 0.0 for i, r in enumerate(rows)]
+    # max(0, .): the Wilson bound at 0/n (n/n) is 0 (1) only up to rounding, and matplotlib refuses
+    # an error bar of -1e-17 (found by the first full compare run: 0/100 rows)
+    low = [max(0.0, rate[i] - 100 * r["ci95"][0]) if ok[i] else 0.0 for i, r in enumerate(rows)]
+    high = [max(0.0, 100 * r["ci95"][1] - rate[i]) if ok[i] else 0.0 for i, r in enumerate(rows)]
     train = [(r.get("train_s") or 0.0) / 60 if o else 0.0 for r, o in zip(rows, ok)]
     evals = [(r.get("eval_s") or 0.0) / 60 if o else 0.0 for r, o in zip(rows, ok)]
 

@@ -37,6 +37,8 @@ def test_wilson_bounds_solve_the_score_equation(k, n):
 
 def test_wilson_interval_edge_cases():
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in (1, 2, 7, 100, 1000):  # exact ends: the rate never falls outside its own interval
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
     with pytest.raises(ValueError, match="successes=3"):
         wilson_interval(3, 2)
 
