@@ -67,15 +67,16 @@ def _run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
 @pytest.mark.sim
 def test_main_job_end_to_end_and_the_base_zero_shot_on_the_same_episodes(tmp_path):
     """The main job on a reduced budget: collect, fine-tune every parameter of the shipped base,
-    evaluate; then the base zero-shot on the same seeded episodes.
+    evaluate; then the base zero-shot on the same seeded episodes; the fine-tuned policy must beat it.
 
-    Issue 8 asks for "fine-tuned beats zero-shot" here. It is NOT asserted yet: at the full budget
-    (600 demos, 1,500 steps, ~11 min) the fine-tuned policy scores 70/100 and the base 0/100 on the
-    same episodes (README), but the budgets CI can afford do not succeed at all (200 demos, 500
-    steps: 0/20; the 600 demos, 800 steps: 0/20; 2026-11-23), so both would be 0 here. What is asserted is everything the comparison needs:
-    both runs finish, score the same episodes, and report consistent numbers.
+    At the full budget (600 demos, 1,500 steps, ~13 min) "beats" is success: 81/100 vs 1/100
+    (README). No budget CI can afford succeeds yet (64 px: 200 demos/500 steps and 600/800 were 0/20;
+    success needs the release, learned last), so here "beats" is the task's progress, read from the
+    evaluator's events: with 200 demos and 600 steps (~5 min) the fine-tuned policy carried the
+    named cube into the named bowl's rim in 13/20 episodes, the base in 2/20 (2026-11-23), and
+    grasped the wrong object 4 vs 7 times. The assertion keeps a margin for run-to-run noise.
     """
-    episodes = 6
+    episodes = 20
     common = [
         f"data.paths=[{tmp_path}/pick_place.hdf5]",
         f"collect.output={tmp_path}/pick_place.hdf5",
@@ -90,18 +91,18 @@ def test_main_job_end_to_end_and_the_base_zero_shot_on_the_same_episodes(tmp_pat
             "--cfg",
             "pick_place.yaml",
             *common,
-            "collect.episodes=12",
-            "train.steps=30",
-            "train.warmup_steps=5",
-            "train.val_every=30",
-            "train.save_every=30",
+            "collect.episodes=200",
+            "train.steps=600",
+            "train.warmup_steps=50",
+            "train.val_every=600",
+            "train.save_every=600",
             f"train.out_dir={tmp_path}/runs",
             "train.run_name=ft",
         ],
         cwd=tmp_path,
     )
     summary = json.loads((tmp_path / "runs" / "ft" / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["params"]["trainable_pct"] == 100.0  # every parameter
+    assert summary["steps"] == 600 and summary["params"]["trainable_pct"] == 100.0  # every parameter
     tuned = json.loads(next((tmp_path / "runs" / "ft" / "eval").glob("final_*/eval.json")).read_text())
     _run(
         "evaluate.py",
@@ -115,6 +116,10 @@ def test_main_job_end_to_end_and_the_base_zero_shot_on_the_same_episodes(tmp_pat
     assert [e["instruction"] for e in tuned["episodes"]] == [e["instruction"] for e in zero["episodes"]]
     assert summary["eval"]["success_rate"] == tuned["overall"]["success_rate"]
     assert zero["manifest"]["checkpoint_sha256"] == file_sha256(BASE / "model.safetensors")
+    t, z = tuned["per_task"]["pick_place"], zero["per_task"]["pick_place"]
+    print("fine-tuned", t["successes"], t["events"], "| zero-shot", z["successes"], z["events"])
+    assert t["successes"] >= z["successes"]
+    assert t["events"]["over_destination"] >= z["events"]["over_destination"] + 5, (t, z)
 
 
 def test_export_copies_the_checkpoint_with_a_card_and_replaces_an_old_export(tmp_path):
