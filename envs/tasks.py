@@ -115,15 +115,18 @@ class PickPlace(Task):
     def sample_goal(self, layout, rng):
         return Goal(_pick(rng, CUBES), _pick(rng, BOWLS), 0, self._template(rng))
 
-    def success(self, sim, layout, goal):
+    @staticmethod
+    def _inside_rim(sim, goal) -> bool:
+        """The named cube within the bowl's rim in xy (held above it or dropped in)."""
         obj, bowl = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
-        inside = bool(np.all(np.abs(obj[:2] - bowl[:2]) < BOWL_INNER_HALF - 0.01))
-        return inside and obj[2] < 0.06 and sim.touching_fingers(goal.src_slot) == 0
+        return bool(np.all(np.abs(obj[:2] - bowl[:2]) < BOWL_INNER_HALF - 0.01))
+
+    def success(self, sim, layout, goal):
+        low = sim.pos(goal.src_slot)[2] < 0.06
+        return self._inside_rim(sim, goal) and low and sim.touching_fingers(goal.src_slot) == 0
 
     def events(self, sim, layout, goal):
-        obj, bowl = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
-        over = bool(np.all(np.abs(obj[:2] - bowl[:2]) < BOWL_INNER_HALF - 0.01))  # held or dropped
-        return {**super().events(sim, layout, goal), "over_destination": over}
+        return {**super().events(sim, layout, goal), "over_destination": self._inside_rim(sim, goal)}
 
 
 class Reach(Task):
@@ -137,12 +140,14 @@ class Reach(Task):
         # pick_place still grounds "the <color> bowl" (docs/training.md)
         return Goal(_pick(rng, MOVABLE + BOWLS), -1, 0, self._template(rng))
 
+    def _distance(self, sim, goal) -> float:
+        return float(np.linalg.norm(sim.tcp() - (sim.pos(goal.src_slot) + self.offset)))
+
     def success(self, sim, layout, goal):
-        return bool(np.linalg.norm(sim.tcp() - (sim.pos(goal.src_slot) + self.offset)) < 0.025)
+        return self._distance(sim, goal) < 0.025
 
     def events(self, sim, layout, goal):
-        near = np.linalg.norm(sim.tcp() - (sim.pos(goal.src_slot) + self.offset)) < NEAR_DIST
-        return {"near": bool(near), **super().events(sim, layout, goal)}
+        return {"near": self._distance(sim, goal) < NEAR_DIST, **super().events(sim, layout, goal)}
 
 
 class Lift(Task):
@@ -187,14 +192,17 @@ class Push(Task):
                 return False
         return True
 
+    @staticmethod
+    def _moved(sim, layout, goal) -> float:
+        """How far the cube has moved in the instructed direction (m)."""
+        return float((sim.pos(goal.src_slot)[1] - layout.xy[goal.src, 1]) * PUSH_DIRS[goal.aux][1])
+
     def success(self, sim, layout, goal):
-        y0 = layout.xy[goal.src, 1]
-        return bool((sim.pos(goal.src_slot)[1] - y0) * PUSH_DIRS[goal.aux][1] >= PUSH_DIST)
+        return self._moved(sim, layout, goal) >= PUSH_DIST
 
     def events(self, sim, layout, goal):
-        y0 = layout.xy[goal.src, 1]
-        halfway = (sim.pos(goal.src_slot)[1] - y0) * PUSH_DIRS[goal.aux][1] >= PUSH_DIST / 2
-        return {"touched": sim.touching_fingers(goal.src_slot) > 0, "halfway": bool(halfway)}
+        halfway = self._moved(sim, layout, goal) >= PUSH_DIST / 2
+        return {"touched": sim.touching_fingers(goal.src_slot) > 0, "halfway": halfway}
 
 
 class Stack(Task):
@@ -210,15 +218,19 @@ class Stack(Task):
         src, dst = rng.choice(len(CUBES), size=2, replace=False)
         return Goal(SLOTS.index(CUBES[src]), SLOTS.index(CUBES[dst]), 0, self._template(rng))
 
-    def success(self, sim, layout, goal):
+    @staticmethod
+    def _offset(sim, goal) -> tuple[float, float]:
+        """(xy distance, height) of the named cube relative to the lower one (m)."""
         top, bottom = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
-        aligned = np.linalg.norm(top[:2] - bottom[:2]) < 0.025 and 0.04 < top[2] - bottom[2] < 0.06
-        return bool(aligned and sim.touching_fingers(goal.src_slot) == 0)
+        return float(np.linalg.norm(top[:2] - bottom[:2])), float(top[2] - bottom[2])
+
+    def success(self, sim, layout, goal):
+        xy, dz = self._offset(sim, goal)
+        return xy < 0.025 and 0.04 < dz < 0.06 and sim.touching_fingers(goal.src_slot) == 0
 
     def events(self, sim, layout, goal):
-        top, bottom = sim.pos(goal.src_slot), sim.pos(goal.dst_slot)
-        over = np.linalg.norm(top[:2] - bottom[:2]) < 0.025 and top[2] - bottom[2] > 0.03
-        return {**super().events(sim, layout, goal), "over_destination": bool(over)}
+        xy, dz = self._offset(sim, goal)
+        return {**super().events(sim, layout, goal), "over_destination": xy < 0.025 and dz > 0.03}
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (PickPlace(), Reach(), Lift(), Push(), Stack())}
