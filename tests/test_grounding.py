@@ -13,6 +13,11 @@ import torch
 from vla_ft import constants as K
 from vla_ft.config import LossConfig, load_config
 from vla_ft.errors import ConfigError
+from vla_ft.losses import grounding_targets
+
+# imported before any test renders: timm pulls in triton, and importing triton after an in-process
+# EGL renderer segfaults (docs/traps.md); this file alone used to crash at the grid test
+from vla_ft.models.vision import SpatialSoftmax
 
 
 def _pixel(uv: np.ndarray, size: int) -> tuple[int, int]:
@@ -99,9 +104,6 @@ def test_collector_stores_targets_per_frame(tmp_path):
 
 
 def test_grounding_targets_and_keypoint_grid_share_cell_centres():
-    from vla_ft.losses import grounding_targets
-    from vla_ft.models.vision import SpatialSoftmax
-
     h, w = 4, 8
     uv = torch.tensor([[-1 + 3 / w, -1 + 1 / h]])  # centre of cell (row 0, col 1)
     t = grounding_targets(uv, h, w)
@@ -128,7 +130,7 @@ def test_grounding_targets_and_keypoint_grid_share_cell_centres():
 
 
 def test_grounding_loss_by_hand():
-    from vla_ft.losses import TASK_TERMS, ActionTaskLoss, grounding_targets
+    from vla_ft.losses import TASK_TERMS, ActionTaskLoss
 
     b, k, q, h, w = 2, 2, 3, 4, 4
     heat = torch.randn(b, k, q, h, w)
