@@ -36,6 +36,7 @@ class NativeBackbone(nn.Module):
         film: condition the CNN stages on the instruction (FiLM from the language model's mean
             hidden state over the instruction tokens).
         keypoint_tokens: one token per keypoint (position + feature under it) instead of one in all.
+        keypoint_window: local soft-argmax radius in cells around each heat map's peak (0: global).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class NativeBackbone(nn.Module):
         keypoints: int = 0,
         film: bool = False,
         keypoint_tokens: bool = False,
+        keypoint_window: int = 0,
     ) -> None:
         super().__init__()
         self.language = LanguageBackbone(language, trust_remote_code)
@@ -63,6 +65,7 @@ class NativeBackbone(nn.Module):
             keypoints,
             d if film else 0,
             keypoint_tokens,
+            keypoint_window,
         )
         self.conditions_vision = film
         self.projector = nn.Sequential(nn.Linear(self.vision.out_dim, d), nn.GELU(), nn.Linear(d, d))

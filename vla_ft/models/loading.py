@@ -79,6 +79,7 @@ def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
         "keypoints": int(cfg.extra.get("keypoints", preset.keypoints)),
         "film": bool(cfg.extra.get("film", preset.film)),
         "keypoint_tokens": bool(cfg.extra.get("keypoint_tokens", preset.keypoint_tokens)),
+        "keypoint_window": int(cfg.extra.get("keypoint_window", preset.keypoint_window)),
         "language": language,
     }
 
@@ -98,6 +99,7 @@ def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: s
         int(arch.get("keypoints", 0)),  # absent in checkpoints written before these options
         bool(arch.get("film", False)),
         bool(arch.get("keypoint_tokens", False)),
+        int(arch.get("keypoint_window", 0)),
     )
 
 

@@ -33,6 +33,8 @@ class Preset:
         keypoints: spatial-softmax keypoints of the last CNN map, added as one token per image.
         film: FiLM-condition every CNN stage on the instruction (native only).
         keypoint_tokens: one token per keypoint (its x, y and the feature under it), not one for all.
+        keypoint_window: read each keypoint within this many cells of its heat map's peak (0: the
+            whole map, a global soft-argmax).
         description: one line for listings.
     """
 
@@ -47,6 +49,7 @@ class Preset:
     keypoints: int = 0
     film: bool = False
     keypoint_tokens: bool = False
+    keypoint_window: int = 0
     description: str = ""
 
 
