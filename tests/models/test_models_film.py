@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -72,6 +73,61 @@ def test_keypoints_are_expected_coordinates():
     tokens, heat = sm(feats)
     torch.testing.assert_close(tokens[0, 0], torch.tensor([0.8, -0.4]), atol=1e-3, rtol=0)
     assert heat.shape == (1, 1, 5, 5) and int(heat.flatten().argmax()) == 1 * 5 + 4
+
+
+def _two_peak_softmax(window):
+    """A 1-keypoint layer reading a 5x5 map whose heat map equals the feature (temperature 1)."""
+    sm = SpatialSoftmax(channels=1, keypoints=1, out_dim=2, window=window)
+    with torch.no_grad():
+        sm.heatmaps.weight.fill_(1.0)
+        sm.heatmaps.bias.zero_()
+        sm.log_temperature.zero_()
+        sm.out.weight.copy_(torch.eye(2))
+        sm.out.bias.zero_()
+    feats = torch.zeros(1, 1, 5, 5)
+    feats[0, 0, 0, 0] = 4.0  # the peak, in the top-left corner cell: centre (-0.8, -0.8)
+    feats[0, 0, 4, 4] = 3.0  # a second bright spot in the opposite corner (a same-colored distractor)
+    return sm, feats
+
+
+def test_local_keypoint_window_reads_the_peak_not_the_centre_of_mass():
+    glob, feats = _two_peak_softmax(window=0)
+    local, _ = _two_peak_softmax(window=1)
+    (g_xy, g_heat), (l_xy, l_heat) = glob(feats), local(feats)
+    torch.testing.assert_close(g_heat, l_heat)  # the supervised heat map is the full map either way
+    # global: the flat background and the distractor pull the keypoint toward the centre
+    assert g_xy[0, 0].abs().max() < 0.5
+    # local: softmax over the 2x2 in-image cells of the 3x3 window around (0, 0), by hand
+    w = torch.tensor([4.0, 0.0, 0.0, 0.0]).softmax(0)  # cells (0,0), (0,1), (1,0), (1,1)
+    x = w[0] * -0.8 + w[1] * -0.4 + w[2] * -0.8 + w[3] * -0.4
+    torch.testing.assert_close(l_xy[0, 0], torch.stack([x, x]), atol=1e-5, rtol=0)
+    # gradients reach the cells inside the window only
+    feats = feats.clone().requires_grad_(True)
+    local(feats)[0].sum().backward()
+    inside = torch.zeros(5, 5, dtype=torch.bool)
+    inside[:2, :2] = True
+    assert feats.grad[0, 0][~inside].abs().max() == 0 and feats.grad[0, 0][inside].abs().max() > 0
+
+
+def test_keypoint_window_is_saved_with_the_checkpoint(tmp_path):
+    policy = _policy({**FILM, "keypoint_window": 1})
+    assert policy.backbone.vision.keypoints.window == 1
+    policy.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.arch["keypoint_window"] == 1 and loaded.backbone.vision.keypoints.window == 1
+    batch = make_batch(make_info())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)[C.OUT_ACTION], policy(batch)[C.OUT_ACTION])
+    # a checkpoint written before the option reads its keypoints from the whole map, as it was trained
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del meta["arch"]["keypoint_window"]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    assert VLAPolicy.from_pretrained(tmp_path / "ckpt").backbone.vision.keypoints.window == 0
+
+
+def test_negative_keypoint_window_is_a_config_error():
+    with pytest.raises(ConfigError, match="keypoint_window"):
+        _policy({**FILM, "keypoint_window": -1})
 
 
 def test_keypoint_tokens_are_added_per_image():
