@@ -101,3 +101,68 @@ def test_probe_errors(reach_file):
     pol.dims.state_keys = ["joint_pos"]
     with pytest.raises(DataError, match="joint_pos"):
         probe_policy(pol, str(reach_file))
+
+
+class CornerHeatPolicy(EePolicy):
+    """EePolicy with two keypoint heat maps (4x5 cells) per camera that always peak in one cell."""
+
+    backbone = SimpleNamespace(has_heatmaps=True)
+
+    def __init__(self, cell=(0, 0)):
+        super().__init__()
+        self.cell = cell  # (row, column)
+        self.maps_seen: list[tuple[tuple, list[str]]] = []
+
+    def heatmaps(self, obs, instructions):
+        self.maps_seen.append((obs["agentview_image"].shape, list(instructions)))
+        probs = np.full((len(instructions), 1, 2, 4, 5), 0.01, dtype=np.float32)
+        probs[..., self.cell[0], self.cell[1]] = 1.0
+        return probs / probs.sum((-2, -1), keepdims=True)
+
+
+def test_grounding_probe_scores_first_frame_peaks_against_the_labels(reach_file):
+    with h5py.File(reach_file, "r") as f:
+        names = sorted(f["data"], key=lambda s: int(s.split("_")[1]))
+        uv = np.stack([f["data"][n]["targets/agentview_image"][0] for n in names])  # (N, 2, 2)
+        instr = [f["data"][n].attrs["language_instruction"] for n in names]
+    pol = CornerHeatPolicy(cell=(3, 1))  # bottom row, second column: centre (-1 + 3/5, -1 + 7/4)
+    res = probe_policy(pol, str(reach_file))
+    assert len(pol.maps_seen) == 1 and pol.maps_seen[0][0][:2] == (5, 2)  # frame 0 of each demo, one batch
+    assert pol.maps_seen[0][1] == instr
+    named, dest = res.grounding
+    assert (named["camera"], named["target"], dest["target"]) == ("agentview_image", "named object", "destination")
+    # by hand, in cells: the peak cell's centre minus the labelled named object (reach names one)
+    err = np.hypot((-1 + 3 / 5 - uv[:, 0, 0]) * 5 / 2, (-1 + 7 / 4 - uv[:, 0, 1]) * 4 / 2)
+    assert named["frames"] == 5
+    assert named["mean_error_cells"] == pytest.approx(err.mean())
+    assert named["within_one_cell"] == pytest.approx((err <= 1).mean())
+    # reach has no destination: no labelled frame, no score (not a 0%)
+    assert np.isnan(uv[:, 1]).all() and dest["frames"] == 0 and dest["within_one_cell"] is None
+    text = format_probe(res)
+    assert "## Grounding" in text and f"| agentview_image | named object | 5 | {100 * (err <= 1).mean():.0f}% |" in text
+    assert "| agentview_image | destination | 0 | - | - |" in text
+    # a policy without heat maps: the probe says nothing about grounding
+    assert probe_policy(EePolicy(), str(reach_file)).grounding is None
+
+
+def test_grounding_probe_runs_on_a_real_keypoint_policy(reach_file):
+    policy = load_vla(ModelConfig(preset="tiny"), make_info(size=32)).eval()
+    probs = policy.heatmaps(
+        {
+            "agentview_image": np.zeros((3, 1, 32, 32, 3), np.uint8),
+            "wrist_image": np.zeros((3, 1, 32, 32, 3), np.uint8),
+            "ee_pos": np.zeros((3, 1, 3), np.float32),
+            "gripper_qpos": np.zeros((3, 1, 2), np.float32),
+        },
+        ["reach for the red cube"] * 3,
+    )
+    assert probs.shape[:3] == (3, 2, 8) and np.allclose(probs.sum((-2, -1)), 1.0, atol=1e-5)
+    res = probe_policy(policy, str(reach_file))
+    assert [(g["camera"], g["target"]) for g in res.grounding] == [
+        (cam, what) for cam in policy.dims.image_keys for what in ("named object", "destination")
+    ]
+    named = res.grounding[0]
+    assert named["frames"] == 5 and 0.0 <= named["within_one_cell"] <= 1.0 and named["mean_error_cells"] >= 0
+    no_heat = load_vla(ModelConfig(preset="tiny", extra={"keypoints": 0, "film": False}), make_info(size=32))
+    with pytest.raises(ValueError, match="no keypoint heat maps"):
+        no_heat.heatmaps({}, [])

@@ -240,6 +240,35 @@ class VLAPolicy(nn.Module):
         act = np.clip(np.asarray(act, dtype=np.float32), self.cfg.action_low, self.cfg.action_high)
         return act[0] if single else act
 
+    def heatmaps(self, obs: dict[str, np.ndarray], instructions: list[str]) -> np.ndarray:
+        """Where the keypoint heat maps look: their softmax over the current frame's cells.
+
+        Map 0 of each camera is trained (``grounding`` loss) to peak on the named object, map 1 on
+        the destination; ``vla_ft.eval.probe`` scores them against the demo files' labels.
+
+        Args:
+            obs: a batched observation (leading N, then T history frames), as for ``predict_action``.
+            instructions: N strings.
+
+        Returns:
+            float32 (N, K cameras, Q keypoints, h, w), each map summing to 1.
+
+        Raises:
+            ValueError: the backbone has no keypoint heat maps (only native backbones with keypoints).
+        """
+        if not getattr(self.backbone, "has_heatmaps", False):
+            raise ValueError(
+                "this policy has no keypoint heat maps (a native backbone with model.extra.keypoints > 0 has)"
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                heat = self(self._inputs(obs, list(instructions)))[OUT_HEATMAP].float()  # (N, K, Q, h, w)
+        finally:
+            self.train(was_training)
+        return heat.flatten(-2).softmax(-1).reshape(heat.shape).cpu().numpy()
+
     def reset(self) -> None:
         """Clear the action queue / ensemble buffer and the frame history (call at episode start)."""
         self._queue: collections.deque = collections.deque()
