@@ -130,7 +130,11 @@ def test_grounding_probe_scores_first_frame_peaks_against_the_labels(reach_file)
     assert len(pol.maps_seen) == 1 and pol.maps_seen[0][0][:2] == (5, 2)  # frame 0 of each demo, one batch
     assert pol.maps_seen[0][1] == instr
     named, dest = res.grounding
-    assert (named["camera"], named["target"], dest["target"]) == ("agentview_image", "named object", "destination")
+    assert (named["camera"], named["target"], dest["target"]) == (
+        "agentview_image",
+        "named object",
+        "destination",
+    )
     # by hand, in cells: the peak cell's centre minus the labelled named object (reach names one)
     err = np.hypot((-1 + 3 / 5 - uv[:, 0, 0]) * 5 / 2, (-1 + 7 / 4 - uv[:, 0, 1]) * 4 / 2)
     assert named["frames"] == 5
@@ -139,7 +143,10 @@ def test_grounding_probe_scores_first_frame_peaks_against_the_labels(reach_file)
     # reach has no destination: no labelled frame, no score (not a 0%)
     assert np.isnan(uv[:, 1]).all() and dest["frames"] == 0 and dest["within_one_cell"] is None
     text = format_probe(res)
-    assert "## Grounding" in text and f"| agentview_image | named object | 5 | {100 * (err <= 1).mean():.0f}% |" in text
+    assert (
+        "## Grounding" in text
+        and f"| agentview_image | named object | 5 | {100 * (err <= 1).mean():.0f}% |" in text
+    )
     assert "| agentview_image | destination | 0 | - | - |" in text
     # a policy without heat maps: the probe says nothing about grounding
     assert probe_policy(EePolicy(), str(reach_file)).grounding is None
