@@ -97,9 +97,8 @@ class SpatialSoftmax(nn.Module):
         n, _, h, w = feats.shape
         logits = self.heatmaps(feats).flatten(2) / self.log_temperature.exp()  # (N, K, h*w)
         grid = cell_centres(h, w, feats.device, logits.dtype)  # (h*w, 2)
-        attn = (logits if self.window == 0 else _around_peak(logits, h, w, self.window)).softmax(
-            -1
-        )  # (N, K, h*w)
+        read = logits if self.window == 0 else _around_peak(logits, h, w, self.window)
+        attn = read.softmax(-1)  # (N, K, h*w)
         points = attn @ grid  # (N, K, 2)
         heat = logits.reshape(n, -1, h, w)
         if self.per_keypoint:
