@@ -71,8 +71,8 @@ class SpatialSoftmax(nn.Module):
     bright spot (another cube of the named color): the fine-tuned ``tiny`` policy's keypoint 0 was
     within one cell of the named cube on 23-27% of first frames where its argmax was on 77-80%, up
     to 1.9 cells short of objects near the image edge (docs/training.md, "Sixth round"); fine-tuning
-    the shipped base with a window did not raise success (76 vs 81/100), so presets keep 0. The heat-map logits
-    returned (and supervised by the ``grounding`` loss) are the full map either way.
+    the shipped base with a window did not raise success (76 vs 81/100), so presets keep 0. The
+    heat-map logits returned (and supervised by the ``grounding`` loss) are the full map either way.
     """
 
     def __init__(
