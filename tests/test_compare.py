@@ -184,14 +184,15 @@ def test_a_crashing_row_is_reported_failed_and_the_exit_status_is_nonzero(tmp_pa
 @pytest.mark.slow
 def test_compare_end_to_end_on_a_tiny_budget(tmp_path, tiny_base, demos):
     out = tmp_path / "out"
+    own = f"full_w_task_{load_config('pick_place.yaml').loss.w_task:g}"  # the config's own weight
     cmd = [sys.executable, str(REPO / "scripts" / "compare.py"), "--cfg", "pick_place.yaml",
            *_overrides(tmp_path, tiny_base, demos), "--out", str(out),
-           "--rows", "base,lora_r8,full,full_w_task_0.1", "--steps", "4", "--episodes", "2"]  # fmt: skip
+           "--rows", f"base,lora_r8,full,{own}", "--steps", "4", "--episodes", "2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "comparison.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows) == ["base", "lora_r8", "full", "full_w_task_0.1"]
+    assert list(rows) == ["base", "lora_r8", "full", own]
     assert all(r["status"] == "ok" for r in rows.values()) and report["failed"] == []
     assert report["budget"]["train.steps"] == 4 and report["budget"]["eval.episodes"] == 2
 
@@ -209,10 +210,10 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path, tiny_base, demos):
     assert 0 < lora["trainable"] < full["trainable"] and lora["trainable_pct"] < full["trainable_pct"]
     assert lora["trainable_pct"] == pytest.approx(100.0 * lora["trainable"] / lora["total"])
     assert base["trainable"] == 0 and base["train_s"] is None and base["val_loss"] is None
-    # the ablation row with the config's own w_task (0.1) is the full run, not a second training
-    assert rows["full_w_task_0.1"]["same_as"] == "full"
-    assert rows["full_w_task_0.1"]["success_rate"] == full["success_rate"]
-    assert not (out / "runs" / "full_w_task_0.1").exists()
+    # the ablation row with the config's own w_task is the full run, not a second training
+    assert rows[own]["same_as"] == "full"
+    assert rows[own]["success_rate"] == full["success_rate"]
+    assert not (out / "runs" / own).exists()
 
     seeds = None
     for name, r in rows.items():

@@ -69,7 +69,7 @@ def test_main_job_end_to_end_and_the_base_zero_shot_on_the_same_episodes(tmp_pat
     """The main job on a reduced budget: collect, fine-tune every parameter of the shipped base,
     evaluate; then the base zero-shot on the same seeded episodes; the fine-tuned policy must beat it.
 
-    At the full budget (600 demos, 1,500 steps, ~13 min) "beats" is success: 81/100 vs 1/100
+    At the full budget (600 demos, 1,500 steps, 11-13 min) "beats" is success: 94/100 vs 1/100
     (README). No budget CI can afford succeeds yet (64 px: 200 demos/500 steps and 600/800 were 0/20;
     success needs the release, learned last), so here "beats" is the task's progress, read from the
     evaluator's events: with 200 demos and 600 steps (~5 min) the fine-tuned policy carried the
