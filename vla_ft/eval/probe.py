@@ -31,6 +31,7 @@ import numpy as np
 from vla_ft.config import DataConfig
 from vla_ft.data.reader import Demo, FileScan, open_h5, read_frames, scan_file
 from vla_ft.errors import ConfigError
+from vla_ft.models.vision import cell_centres
 
 LATE_FROM = 8  # time steps >= this are pooled into one row
 
@@ -180,8 +181,7 @@ def _grounding(policy: Any, firsts: list[tuple[dict[str, np.ndarray], Demo]]) ->
     )  # (N, K, Q, h, w)
     h, w = probs.shape[-2:]
     peak = probs.reshape(*probs.shape[:3], -1).argmax(-1)  # (N, K, Q)
-    # the peak cell's centre in [-1, 1] image coordinates (x right, y down; vla_ft.models.vision)
-    peak_xy = np.stack([-1 + (2 * (peak % w) + 1) / w, -1 + (2 * (peak // w) + 1) / h], axis=-1)
+    peak_xy = cell_centres(h, w).numpy()[peak]  # (N, K, Q, 2): the peak cell's centre, image (x, y)
     target = np.stack([d.targets[0] for d in labelled])  # (N, K, 2 objects, 2)
     out = []
     for k, camera in enumerate(policy.dims.image_keys):

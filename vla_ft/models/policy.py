@@ -227,15 +227,7 @@ class VLAPolicy(nn.Module):
         if single:
             obs = {k: np.asarray(v)[None] for k, v in obs.items()}
             instruction = [instruction]
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                norm = (
-                    self(self._inputs(obs, list(instruction)))[OUT_ACTION].float().cpu().numpy()
-                )  # (N, H, A)
-        finally:
-            self.train(was_training)
+        norm = self._infer(obs, list(instruction), OUT_ACTION).cpu().numpy()  # (N, H, A)
         act = self.normalizer.unnormalize_action(norm) if self.normalizer is not None else norm
         act = np.clip(np.asarray(act, dtype=np.float32), self.cfg.action_low, self.cfg.action_high)
         return act[0] if single else act
@@ -260,14 +252,19 @@ class VLAPolicy(nn.Module):
             raise ValueError(
                 "this policy has no keypoint heat maps (a native backbone with model.extra.keypoints > 0 has)"
             )
+        heat = self._infer(obs, list(instructions), OUT_HEATMAP)  # (N, K, Q, h, w) logits
+        return heat.flatten(-2).softmax(-1).reshape(heat.shape).cpu().numpy()
+
+    def _infer(self, obs: dict[str, np.ndarray], instructions: list[str], key: str) -> torch.Tensor:
+        """One output of an eval-mode, no-grad forward on a batched observation (float32); the
+        training mode is restored afterwards."""
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode():
-                heat = self(self._inputs(obs, list(instructions)))[OUT_HEATMAP].float()  # (N, K, Q, h, w)
+                return self(self._inputs(obs, instructions))[key].float()
         finally:
             self.train(was_training)
-        return heat.flatten(-2).softmax(-1).reshape(heat.shape).cpu().numpy()
 
     def reset(self) -> None:
         """Clear the action queue / ensemble buffer and the frame history (call at episode start)."""
