@@ -77,11 +77,27 @@ def test_row_names_parse_to_their_changes():
         parse_rows(["full", "base", "full"])
 
 
+def test_lr_suffix_scales_a_training_rows_learning_rate_only():
+    row = parse_row("lora_r16_lr10")
+    assert (row.kind, row.changes, row.lr_scale) == ("train", {"model.lora.r": 16}, 10.0)
+    assert row.label == "LoRA r=16 on the base, learning rate x10"
+    assert parse_row("full_w_task_0.5_lr0.5").changes == {"model.lora.r": 0, "loss.w_task": 0.5}
+    assert parse_row("full_w_task_0.5_lr0.5").lr_scale == 0.5 and parse_row("scratch_lr3").lr_scale == 3.0
+    with pytest.raises(ConfigError, match="row 'base_lr10': _lr10: 'base' is not trained"):
+        parse_row("base_lr10")
+    with pytest.raises(ConfigError, match="row 'full_lr0': _lr0: give one positive multiplier"):
+        parse_row("full_lr0")
+    with pytest.raises(ConfigError, match="row 'full_lr2_lr3': _lr3: give one positive multiplier"):
+        parse_row("full_lr2_lr3")
+    with pytest.raises(ConfigError, match="unknown row 'full_lrx'"):
+        parse_row("full_lrx")
+
+
 def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
     cfg = load_config("pick_place.yaml", _overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
     shared = shared_config(cfg, tmp_path / "out", steps=30, episodes=5)
     rows = {name: row_config(shared, parse_row(name), tmp_path / "out", tiny_base) for name in
-            ("base", "lora_r8", "full", "scratch", "full_w_task_0")}  # fmt: skip
+            ("base", "lora_r8", "full", "scratch", "full_w_task_0", "lora_r8_lr10")}  # fmt: skip
     for name, values in rows.items():
         assert values["data"]["paths"] == [str((tmp_path / "d.hdf5").resolve())]
         assert values["data"]["collect_if_missing"] is False
@@ -90,6 +106,19 @@ def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
         assert values["train"]["warmup_steps"] == 3  # 100 > 30 steps: a tenth, said on stdout
     assert rows["lora_r8"]["model"]["lora"]["r"] == 8 and rows["full"]["model"]["lora"]["r"] == 0
     assert rows["full_w_task_0"]["loss"]["w_task"] == 0.0
+    # _lr10: the peak rate x10, the module multipliers (relative to it) and everything else as is
+    assert rows["lora_r8_lr10"]["train"]["lr"] == pytest.approx(10 * cfg.train.lr)
+    assert (
+        rows["lora_r8_lr10"]["train"]["module_lr"] == rows["lora_r8"]["train"]["module_lr"] == {"vision": 3.0}
+    )
+    a, b = json.loads(json.dumps(rows["lora_r8_lr10"])), json.loads(json.dumps(rows["lora_r8"]))
+    for v in (a, b):
+        del v["train"]["lr"], v["train"]["run_name"]
+    assert a == b
+    # with train.pretrain_lr + train.lr_scale the peak rate is their product: pretrain_lr is scaled
+    derived = {**shared, "train": {**shared["train"], "pretrain_lr": 1e-3, "lr_scale": 0.1}}
+    scaled = row_config(derived, parse_row("full_lr10"), tmp_path / "out", tiny_base)["train"]
+    assert scaled["pretrain_lr"] == pytest.approx(1e-2) and scaled["lr_scale"] == 0.1
     assert rows["full"]["model"]["pretrained"] == str(tiny_base)
     assert rows["base"]["eval"]["out_dir"] == str(tmp_path / "out" / "runs" / "base" / "eval")
     # scratch: no weights, the base's architecture (its preset and knobs, not the config's)

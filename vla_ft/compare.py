@@ -9,7 +9,11 @@ metric. Rows (``--rows``; names are parsed, so other ranks and weights work too)
 * ``lora_r<R>``: LoRA rank R on the base (``model.lora.r=R``, backbone frozen, heads trained);
 * ``full``: full-parameter fine-tuning of the base;
 * ``scratch``: the same architecture from random weights (``model.pretrained=null``);
-* ``full_w_task_<W>``: full fine-tuning with task-loss weight ``loss.w_task=W`` (ablation).
+* ``full_w_task_<W>``: full fine-tuning with task-loss weight ``loss.w_task=W`` (ablation);
+* ``<row>_lr<M>``: any training row with its learning rate times M (``train.lr`` and with it every
+  ``train.module_lr`` group, which are multipliers of it), e.g. ``lora_r16_lr10``: LoRA is commonly
+  run at a higher rate than full fine-tuning, and a comparison at one shared rate says nothing
+  about LoRA at its own.
 
 Every row is the normal job (scripts/finetune.py or scripts/evaluate.py) in its own subprocess,
 with its own config file written under ``<out>/configs/``: same data file (collected once, up
@@ -56,7 +60,10 @@ DEFAULT_ROWS = (
     "full_w_task_0.1",
     "full_w_task_0.5",
 )
-ROW_NAMES_HELP = "base, full, scratch, lora_r<R> (e.g. lora_r8), full_w_task_<W> (e.g. full_w_task_0.5)"
+ROW_NAMES_HELP = (
+    "base, full, scratch, lora_r<R> (e.g. lora_r8), full_w_task_<W> (e.g. full_w_task_0.5), and any "
+    "training row with _lr<M> for its learning rate times M (e.g. lora_r16_lr10)"
+)
 # model fields that define the base's architecture (vla_ft.models.loading.ARCH_FIELDS) + preset knobs
 _ARCH_KEYS = ("preset", "vision", "language", "vlm", "hidden_size", "num_layers", "num_heads", "extra")
 
@@ -70,6 +77,7 @@ class Row:
     kind: str  # "train": scripts/finetune.py, "eval": scripts/evaluate.py on the base
     changes: dict[str, Any]  # dotted config key -> value, applied over the shared config
     needs_base: bool
+    lr_scale: float = 1.0  # train.lr of the shared config times this (the ``_lr<M>`` suffix)
 
 
 @dataclass
@@ -112,6 +120,16 @@ def parse_row(name: str) -> Row:
     """
     if name == "base":
         return Row(name, "base, zero-shot (no training)", "eval", {}, True)
+    m = re.fullmatch(r"(.+)_lr(\d+(?:\.\d+)?|\d*\.\d+)", name)
+    if m:
+        inner, scale = parse_row(m.group(1)), float(m.group(2))
+        if inner.kind != "train" or inner.lr_scale != 1.0 or scale <= 0:
+            why = (
+                f"{inner.name!r} is not trained" if inner.kind != "train" else "give one positive multiplier"
+            )
+            raise ConfigError(f"--rows: row {name!r}: _lr{m.group(2)}: {why}; e.g. lora_r16_lr10")
+        label = f"{inner.label}, learning rate x{scale:g}"
+        return Row(name, label, inner.kind, inner.changes, inner.needs_base, scale)
     if name == "full":
         return Row(name, "full fine-tuning from the base", "train", {"model.lora.r": 0}, True)
     if name == "scratch":
@@ -198,6 +216,9 @@ def row_config(shared: dict[str, Any], row: Row, out: Path, base: Path | None) -
         values["eval"]["out_dir"] = str(out / "runs" / row.name / "eval")
     for key, value in row.changes.items():
         _set(values, key, value)
+    if row.lr_scale != 1.0:  # the peak rate is pretrain_lr * lr_scale when those are set, else lr
+        key = "pretrain_lr" if values["train"].get("lr_scale") is not None else "lr"
+        values["train"][key] = values["train"][key] * row.lr_scale
     try:
         config_from_dict(values)
     except ConfigError as exc:
