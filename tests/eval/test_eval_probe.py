@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import vla_ft.data.collect as collect
+from envs.env import FINGER_OPEN
 from vla_ft.config import ModelConfig, load_config
 from vla_ft.errors import ConfigError, DataError
 from vla_ft.eval.probe import format_probe, probe_policy
@@ -173,3 +174,68 @@ def test_grounding_probe_runs_on_a_real_keypoint_policy(reach_file):
     no_heat = load_vla(ModelConfig(preset="tiny", extra={"keypoints": 0, "film": False}), make_info(size=32))
     with pytest.raises(ValueError, match="no keypoint heat maps"):
         no_heat.heatmaps({}, [])
+
+
+class FingerPolicy(EePolicy):
+    """Predicts the gripper from the fingers it sees (closed below 80% of open): the copy-the-state
+    policy that probe 4 exists to catch. The other dimensions are 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.dims.state_keys = ["ee_pos", "gripper_qpos"]
+
+    def predict_action(self, obs, instructions):
+        closed = obs["gripper_qpos"][:, -1].mean(-1) < 0.8 * FINGER_OPEN
+        out = np.zeros((len(closed), 1, 4), np.float32)
+        out[:, 0, 3] = np.where(closed, 1.0, -1.0)
+        return out
+
+
+@pytest.fixture(scope="module")
+def pick_place_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe_pp") / "pick_place.hdf5"
+    cfg = load_config(
+        "pick_place.yaml",
+        [f"collect.output={out}", "collect.episodes=3", "env.image_size=32", "collect.valid_fraction=0.34"],
+    )
+    collect.run_collect(cfg)
+    return out
+
+
+def test_gripper_probe_catches_a_policy_that_copies_the_fingers(pick_place_file):
+    res = probe_policy(FingerPolicy(), str(pick_place_file))
+    # by hand from the file: each sign change of the command, the policy's rule on the fingers
+    expected = {"close": [], "open": []}
+    with h5py.File(pick_place_file, "r") as f:
+        for name in sorted(f["data"], key=lambda s: int(s.split("_")[1])):
+            g, q = f["data"][name]["actions"][:, 3], f["data"][name]["obs/gripper_qpos"][:].mean(-1)
+            pred = np.where(q < 0.8 * FINGER_OPEN, 1.0, -1.0)
+            for t in range(1, len(g)):
+                if np.sign(g[t]) != np.sign(g[t - 1]):
+                    row = [
+                        pred[t + o] == np.sign(g[t]) if 0 <= t + o < len(g) else None for o in range(-2, 4)
+                    ]
+                    expected["close" if g[t] > 0 else "open"].append(row)
+    assert len(expected["close"]) >= 3 and len(expected["open"]) >= 3  # every expert demo grasps and releases
+    by = {g["switch"]: g for g in res.gripper}
+    assert set(by) == {"close", "open"}
+    for what, rows in expected.items():
+        assert by[what]["switches"] == len(rows) and by[what]["dim"] == 3
+        assert by[what]["offsets"] == [-2, -1, 0, 1, 2, 3]
+        want = [np.mean([r for r in col if r is not None]) for col in zip(*rows, strict=True)]
+        assert by[what]["new_sign"] == pytest.approx(want)
+        # the signature: never at the switch (the fingers move one step after the command), always after
+        assert by[what]["new_sign"][2] == 0.0 and by[what]["new_sign"][3] == 1.0
+    text = format_probe(res)
+    assert "## Gripper switches" in text and "| open | " in text and "| close | " in text
+    assert res.to_dict()["gripper"] == res.gripper
+    # a policy that always predicts 0 (EePolicy's gripper) has no sign: never the new one
+    zero = {g["switch"]: g["new_sign"] for g in probe_policy(EePolicy(), str(pick_place_file)).gripper}
+    assert zero == {"close": [0.0] * 6, "open": [0.0] * 6}
+    with pytest.raises(ConfigError, match="gripper_dim=4: .* has 4 action dimensions; use -4..3"):
+        probe_policy(FingerPolicy(), str(pick_place_file), gripper_dim=4)
+
+
+def test_gripper_probe_is_silent_where_the_demos_never_switch(reach_file):
+    res = probe_policy(EePolicy(), str(reach_file))
+    assert res.gripper == [] and "Gripper switches" not in format_probe(res)
