@@ -126,6 +126,10 @@ def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
     assert rows["scratch"]["model"]["pretrained"] is None
     assert rows["scratch"]["model"]["extra"] == saved["extra"] == {"pool_grid": 2}
     assert rows["scratch"]["model"]["preset"] == saved["preset"]
+    # scratch_lr3 is scratch (the base's architecture, no weights) at 3x the rate
+    fast = row_config(shared, parse_row("scratch_lr3"), tmp_path / "out", tiny_base)
+    assert fast["model"] == rows["scratch"]["model"]
+    assert fast["train"]["lr"] == pytest.approx(3 * cfg.train.lr)
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,11 @@ class Row:
     needs_base: bool
     lr_scale: float = 1.0  # train.lr of the shared config times this (the ``_lr<M>`` suffix)
 
+    @property
+    def from_scratch(self) -> bool:
+        """``scratch`` and its ``_lr<M>`` variants: the base's architecture, no weights."""
+        return self.kind == "train" and not self.needs_base
+
 
 @dataclass
 class RowResult:
@@ -211,7 +216,7 @@ def row_config(shared: dict[str, Any], row: Row, out: Path, base: Path | None) -
     values["data"]["collect_if_missing"] = False  # collected once, up front
     values["train"]["run_name"] = row.name
     values["model"]["pretrained"] = str(base) if base is not None else None
-    if row.name == "scratch":
+    if row.from_scratch:
         for key, value in (_base_arch(base) if base is not None else {}).items():
             _set(values, key, value)
         values["model"]["vision_pretrained"] = None  # no component weights either
@@ -407,7 +412,7 @@ def _run_rows(
         print(f"{head}\n[compare]   {_display(row_command(row, cfg_file, base))}", flush=True)
         res = run_row(row, cfg_file, out, base)
         component = values["model"]["language"] or values["model"]["vlm"]
-        if row.name == "scratch" and isinstance(component, str):
+        if row.from_scratch and isinstance(component, str):
             res.note = f"the language model comes from {component!r} (pretrained weights), not random init"
         results.append(res)
         print(f"[compare]   {_fmt_result(res)}", flush=True)
