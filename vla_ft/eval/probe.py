@@ -123,7 +123,8 @@ def probe_policy(
 
     Raises:
         DataError: the file lacks a key the policy reads (the message names file and key).
-        ConfigError: ``mask`` is not a filter key of the file, or selects no demo.
+        ConfigError: ``mask`` is not a filter key of the file, or selects no demo; ``gripper_dim``
+            is not an action dimension of the file.
     """
     dims = policy.dims
     if not isinstance(gripper_dim, int) or isinstance(gripper_dim, bool):
@@ -139,6 +140,12 @@ def probe_policy(
         names = set(scan.masks[mask])
         pool = [d for d in scan.demos if d.name in names]
     chosen = pool[: max(1, demos)]
+    action_dim = chosen[0].actions.shape[1] if chosen else None
+    if action_dim is not None and not -action_dim <= gripper_dim < action_dim:  # before any forward pass
+        raise ConfigError(
+            f"gripper_dim={gripper_dim}: {path} has {action_dim} action dimensions; use -{action_dim}.."
+            f"{action_dim - 1} (the gripper command's dimension, usually -1)"
+        )
     instructions = [d.instruction for d in chosen]
     distinct = sorted(set(instructions))
     preds, swapped, labels, steps = [], [], [], []
@@ -189,12 +196,6 @@ def probe_policy(
             "changed": np.abs(alt - pred).mean(0).round(6).tolist(),
             "frames": int(len(pred)),
         }
-    action_dim = label.shape[1]
-    if not -action_dim <= gripper_dim < action_dim:
-        raise ConfigError(
-            f"gripper_dim={gripper_dim}: {path} has {action_dim} action dimensions; use -{action_dim}.."
-            f"{action_dim - 1} (the gripper command's dimension, usually -1)"
-        )
     gripper = _gripper_switches(pred[:, gripper_dim], label[:, gripper_dim], step, gripper_dim % action_dim)
     return ProbeResult(rows=rows, swap=swap, demos=len(chosen), grounding=grounding, gripper=gripper)
 
