@@ -140,6 +140,22 @@ def test_language_dir_and_timm_weights_file(tmp_path):
     )
 
 
+@pytest.mark.parametrize("as_dir", [True, False])
+def test_hf_backbones_are_float32_whatever_dtype_their_config_names(tmp_path, as_dir):
+    """A checkpoint saved in bf16 (as most hub models are) or a config naming ``torch_dtype``
+    float16 still gives float32 weights: they are the optimizer's master copy, and autocast supplies
+    the mixed precision. Built in the named dtype, AdamW would step bf16/fp16 weights directly."""
+    fields = {k: v for k, v in get_preset("tiny").language.items() if k != "model_type"}
+    if as_dir:
+        LlamaModel(LlamaConfig(**fields)).to(torch.bfloat16).save_pretrained(tmp_path / "lm")
+        assert json.loads((tmp_path / "lm" / "config.json").read_text()).get("dtype") == "bfloat16"
+        spec = str(tmp_path / "lm")
+    else:
+        spec = {"model_type": "llama", **fields, "torch_dtype": "float16"}
+    lm = LanguageBackbone(spec)
+    assert {p.dtype for p in lm.parameters()} == {torch.float32}
+
+
 def test_unknown_names_are_config_errors():
     with pytest.raises(ConfigError, match="'resnet1800' is not a timm model name. Did you mean: resnet18"):
         load_vla(ModelConfig(preset="tiny", vision="resnet1800"), make_info())

@@ -12,17 +12,31 @@ from vla_ft.train.logging import read_metrics
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _loss_drop(rows) -> float:
+    """Mean train loss of the last 5 of 60 steps over that of the first 5."""
+    losses = {r["step"]: r["loss"] for r in rows}
+    return sum(losses[s] for s in range(56, 61)) / sum(losses[s] for s in range(1, 6))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_training_on_cuda_reduces_loss(tiny_cfg, precision):
+def test_mixed_precision_training_on_cuda_tracks_fp32(tiny_cfg, precision):
+    """60 steps on CUDA in bf16/fp16 lower the loss as much as the same run in fp32 on the CPU does.
+
+    The shipped config's loss is dominated by the grounding term, which falls slowly: on an H200 the
+    loss fell to 0.75 (bf16) and 0.78 (fp16) of its start, and to 0.78 in fp32 on the CPU."""
     extra = {"train.steps": 60, "train.lr": 2e-3, "train.batch_size": 16, "data.augment.enabled": "false"}
-    cfg = tiny_cfg(**extra, **{"train.device": "cuda", "train.precision": precision, "train.val_every": 30})
+    extra["train.val_every"] = 30
+    ref = run_finetune(tiny_cfg(**extra, **{"train.device": "cpu", "train.precision": "fp32"}))
+    ref_drop = _loss_drop([r for r in read_metrics(ref.run_dir) if r["split"] == "train"])
+    cfg = tiny_cfg(
+        **extra, **{"train.device": "cuda", "train.precision": precision, "train.run_name": "cuda"}
+    )
     result = run_finetune(cfg)
     rows = [r for r in read_metrics(result.run_dir) if r["split"] == "train"]
-    losses = {r["step"]: r["loss"] for r in rows}
-    first = sum(losses[s] for s in range(1, 6)) / 5
-    last = sum(losses[s] for s in range(56, 61)) / 5
-    assert last < 0.7 * first, (first, last)
+    drop = _loss_drop(rows)
+    assert drop < 0.85, drop
+    assert abs(drop - ref_drop) < 0.08, (drop, ref_drop)
     assert all(r["skipped_steps"] == 0 for r in rows) or precision == "fp16"
     assert rows[-1]["mem_gb"] > 0
     assert torch.cuda.max_memory_allocated() > 0

@@ -52,12 +52,18 @@ def hub_or_dir(name: str, key: str) -> str:
 def load_hf_model(
     auto_cls: Any, spec: str | dict[str, Any], key: str, trust_remote_code: bool
 ) -> PreTrainedModel:
-    """Build from a config dict (random init) or load ``from_pretrained`` from a dir / hub id."""
+    """Build from a config dict (random init) or load ``from_pretrained`` from a dir / hub id.
+
+    Always in float32, whatever dtype the config or checkpoint names (transformers would otherwise
+    build a ``"torch_dtype": "bfloat16"`` model in bf16): the weights are the optimizer's master
+    copy, and mixed precision comes from autocast (``train.precision``)."""
     if isinstance(spec, dict):
-        return auto_cls.from_config(build_hf_config(spec, key), trust_remote_code=trust_remote_code)
+        return auto_cls.from_config(
+            build_hf_config(spec, key), trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
     source = hub_or_dir(spec, key)
     try:
-        return auto_cls.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return auto_cls.from_pretrained(source, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except OSError as exc:
         raise CheckpointError(f"{key}={spec!r}: cannot load a transformers model from it ({exc})") from None
     except ValueError as exc:

@@ -74,11 +74,14 @@ class DistContext:
         return box[0]
 
     def mean(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Mean over ranks of 0-dim metric tensors (one all-reduce; called on log steps only)."""
+        """Mean over ranks of 0-dim metric tensors (one all-reduce; called on log steps only).
+
+        The values may sit on different devices (with FSDP CPU offload the gradient norm is computed
+        on the CPU); they are gathered on the process group's device first."""
         if not self.enabled or not values:
             return values
         keys = sorted(values)
-        stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+        stacked = torch.stack([values[k].detach().float().reshape(()).to(self.device) for k in keys])
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         return {k: v / self.world_size for k, v in zip(keys, stacked)}
 

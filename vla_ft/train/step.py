@@ -146,8 +146,14 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor) -> No
     for e, m in pairs:
         (floats if e.is_floating_point() else others).append((e.detach(), m.detach()))
     if floats:
-        ema_t, model_t = zip(*floats)
-        torch._foreach_lerp_(list(ema_t), list(model_t), weight.to(ema_t[0].device))
+        # ema += weight * (model - ema), in groups to bound the temporary copy. Not _foreach_lerp_:
+        # with a device tensor as the weight some torch releases read it on the host (a sync).
+        w = weight.to(floats[0][0].device)
+        for i in range(0, len(floats), 64):
+            ema_t, model_t = (list(t) for t in zip(*floats[i : i + 64]))
+            deltas = torch._foreach_sub(model_t, ema_t)
+            torch._foreach_mul_(deltas, w)
+            torch._foreach_add_(ema_t, deltas)
     for e, m in others:  # integer buffers (batch-norm counters)
         avg = torch.where(ema.n_averaged == 0, m, (e * decay + m * (1 - decay)).to(e.dtype))
         e.copy_(torch.where(ok_f > 0, avg, e))
