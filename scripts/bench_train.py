@@ -67,15 +67,63 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_flops(policy, batch) -> float:
+def step_flops(policy, batch, amp) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        out = policy(batch)
+        with amp():
+            out = policy(batch)
         out[K.OUT_ACTION].float().abs().mean().backward()
     policy.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
+
+
+# Kernel-name fragments by category, for the profile summary (first match wins).
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "efficient_attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("norm/softmax", ("norm", "softmax")),
+    ("copy/cast", ("copy", "cast", "fill", "memcpy", "memset", "to_copy")),
+)
+
+
+def profile_steps(step, device: torch.device, out_dir: Path, name: str, steps: int = 3) -> dict:
+    """Profile ``steps`` training steps: GPU busy share of the wall time and kernel time by kind.
+
+    Writes ``<name>_ops.txt`` (the operator table by device time) and returns the summary."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - t0
+    kinds: dict[str, float] = {}
+    busy = 0.0
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        low = ev.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(f in low for f in keys)), "other elementwise")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e6
+        busy += us / 1e6
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=40, max_name_column_width=70)
+    (out_dir / f"{name}_ops.txt").write_text(table)
+    return {
+        "steps": steps,
+        "wall_s_per_step": wall / steps,
+        "gpu_busy_share": busy / wall if wall else 0.0,
+        "kernel_s_per_step": {k: v / steps for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+    }
 
 
 def run_config(name: str, args) -> Config:
@@ -103,6 +151,7 @@ def bench_preset(name: str, args, device: torch.device, precision: str) -> dict:
     with torch.device(device):
         policy = build_policy(cfg.model, dims, arch=config_arch(cfg))
     policy.set_gradient_checkpointing(args.checkpointing)
+    model = torch.compile(policy) if args.compile else policy
     tc = cfg.train
     opt = build_optimizer(build_param_groups(policy, param_info(policy), tc), tc, device)
     loss_fn = ActionTaskLoss(LossConfig(), info.action_dim).to(device)
@@ -110,7 +159,7 @@ def bench_preset(name: str, args, device: torch.device, precision: str) -> dict:
     amp = lambda: autocast(device, precision)  # noqa: E731
 
     def toolkit_step():
-        train_step(policy, loss_fn, [batch], opt, scaler, amp, tc.grad_clip)
+        train_step(model, loss_fn, [batch], opt, scaler, amp, tc.grad_clip)
 
     # the bare copy waits on the CPU while the toolkit's peak is measured (copied before any step:
     # a trained module can hold non-leaf tensors that deepcopy refuses)
@@ -121,6 +170,8 @@ def bench_preset(name: str, args, device: torch.device, precision: str) -> dict:
     plan = estimate(arch, setting_from_config(cfg, 1, precision))
     row = {
         "preset": name,
+        "compile": args.compile,
+        "checkpointing": args.checkpointing,
         "params_m": arch.params / 1e6,
         "batch": args.batch,
         "tokens": arch.tokens["sequence"],
@@ -166,8 +217,10 @@ def bench_preset(name: str, args, device: torch.device, precision: str) -> dict:
     if "bare" in times:
         row["bare_samples_s"] = args.batch / statistics.median(times["bare"])
         row["ratio"] = row["toolkit_samples_s"] / row["bare_samples_s"]
+    if args.profile:
+        row["profile"] = profile_steps(toolkit_step, device, Path(args.profile), name)
     if device.type == "cuda":
-        flops = step_flops(policy, batch)
+        flops = step_flops(policy, batch, amp)
         gpu = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
         row["tflop_per_step"] = flops / 1e12
@@ -194,6 +247,8 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     p.add_argument("--optimizer-in-backward", action="store_true", help="step in backward (no clipping)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the policy (train.compile)")
+    p.add_argument("--profile", default=None, help="dir: profile 3 steps, write the op table, add a summary")
     p.add_argument("--no-bare", action="store_true", help="skip the bare loop (its copy doubles memory)")
     p.add_argument("--out", default="runs/bench/train.json")
     args = p.parse_args()
@@ -220,6 +275,12 @@ def main() -> None:
                 f"{r['tflop_per_step']:>11.3f}{r.get('mfu', float('nan')):>7.1%}"
             )
         print(line)
+        if "profile" in r:
+            prof = r["profile"]
+            kinds = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in prof["kernel_s_per_step"].items())
+            print(
+                f"  profile: {prof['wall_s_per_step'] * 1e3:.1f} ms/step, GPU busy {prof['gpu_busy_share']:.0%}; {kinds}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
