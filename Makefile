@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev,lora,metaworld,lowmem]'
+	$(PY) -m pip install -q -e '.[dev,lora,metaworld,lowmem,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -3,11 +3,14 @@
 
     python scripts/bench_eval.py                                  # expert on pick_place, workers 1,2
     python scripts/bench_eval.py --policy random --workers 1,2,4 --episodes 64 --repeats 3
+    python scripts/bench_eval.py --backend both --workers 2       # Ray actors vs the local pool
 
-Each worker count runs the same seeded episodes with the same ``eval.num_envs`` (so the same
-work); episodes/min counts rollout time only (worker start-up excluded, reported separately).
-Repeats alternate between worker counts so machine noise hits all alike; the median is reported.
-Writes JSON to ``--out``.
+Each worker count (and backend) runs the same seeded episodes with the same ``eval.num_envs`` (so
+the same work); episodes/min counts rollout time only (worker start-up excluded, reported
+separately); wall s is the whole ``evaluate`` call, start-up included. With ``ray`` the first run
+starts a local Ray (or joins ``eval.ray_address`` / ``$RAY_ADDRESS``) and later runs reuse it, as
+periodic evaluations during training do: "first wall s" is that cold run. Repeats alternate
+between the runs so machine noise hits all alike; the median is reported. Writes JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     p.add_argument("--policy", choices=["expert", "random", "checkpoint"], default="expert")
     p.add_argument("--ckpt", help="checkpoint directory for --policy checkpoint")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    p.add_argument("--backend", choices=["local", "ray", "both"], default="local", help="eval.backend")
     p.add_argument("--episodes", type=int, default=40)
     p.add_argument("--num-envs", type=int, default=8, help="concurrent episodes (same for every count)")
     p.add_argument("--repeats", type=int, default=3)
@@ -41,44 +45,61 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. env.image_size=96")
     args = p.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
+    backends = ["local", "ray"] if args.backend == "both" else [args.backend]
+    setups = [(b, w) for b in backends for w in counts]
     policy = load_policy(args.ckpt) if args.policy == "checkpoint" else args.policy
-    runs: dict[int, list[dict]] = {w: [] for w in counts}
+    runs: dict[tuple, list[dict]] = {key: [] for key in setups}
     outcomes = {}
     for _ in range(args.repeats):
-        for w in counts:
+        for backend, w in setups:
             cfg = load_config(
                 args.cfg,
                 [
                     *args.overrides,
+                    f"eval.backend={backend}",
                     f"eval.workers={w}",
                     f"eval.episodes={args.episodes}",
                     f"eval.num_envs={args.num_envs}",
                 ],
             )
             result = evaluate(policy, cfg.env, cfg.eval)
-            runs[w].append(result.report["timing"])
-            outcomes.setdefault(w, result.outcomes)
-    base = statistics.median(t["episodes_per_min"] for t in runs[counts[0]]) / counts[0]
+            runs[backend, w].append(result.report["timing"])
+            outcomes.setdefault((backend, w), result.outcomes)
     rows = []
-    cols = ("workers", "episodes/min", "best", "vs linear", "startup s", "policy share", "main cpu share")
+    cols = ("backend", "workers", "episodes/min", "best", "vs linear", "startup s", "first wall s", "wall s")
+    cols += ("vs local wall", "first vs local")
+    cols += ("policy share", "main cpu share")
     print("  ".join(f"{c:>14}" for c in cols))
-    for w in counts:
-        epm = statistics.median(t["episodes_per_min"] for t in runs[w])
+    for backend, w in setups:
+        ts = runs[backend, w]
+        first = runs[backend, counts[0]]
+        base = statistics.median(t["episodes_per_min"] for t in first) / counts[0]
+        epm = statistics.median(t["episodes_per_min"] for t in ts)
+        wall = statistics.median(t["wall_s"] for t in ts)
+        local_wall = (
+            statistics.median(t["wall_s"] for t in runs["local", w]) if ("local", w) in runs else None
+        )
         row = {
+            "backend": backend,
             "workers": w,
             "episodes_per_min": epm,
-            "best_episodes_per_min": max(t["episodes_per_min"] for t in runs[w]),
+            "best_episodes_per_min": max(t["episodes_per_min"] for t in ts),
             "scaling_vs_linear": epm / (base * w),
-            "startup_s": statistics.median(t["setup_s"] for t in runs[w]),
-            "policy_share": statistics.median(t["policy_s"] / t["rollout_s"] for t in runs[w]),
-            "main_cpu_share": statistics.median(t["main_cpu_s"] / t["wall_s"] for t in runs[w]),
-            "runs": runs[w],
+            "startup_s": statistics.median(t["setup_s"] for t in ts),
+            "first_wall_s": ts[0]["wall_s"],
+            "wall_s": wall,
+            "wall_vs_local": wall / local_wall if local_wall else None,
+            "first_wall_vs_local": ts[0]["wall_s"] / local_wall if local_wall else None,
+            "policy_share": statistics.median(t["policy_s"] / t["rollout_s"] for t in ts),
+            "main_cpu_share": statistics.median(t["main_cpu_s"] / t["wall_s"] for t in ts),
+            "runs": ts,
         }
         rows.append(row)
-        keys = list(row)[1:-1]
-        print(f"{w:>14}  " + "  ".join(f"{row[k]:>14.2f}" for k in keys))
-    same = all(outcomes[w] == outcomes[counts[0]] for w in counts)
-    print(f"per-episode outcomes identical across worker counts: {same}")
+        cells = [f"{backend:>14}", f"{w:>14}"]
+        cells += [f"{v:>14.2f}" if v is not None else f"{'-':>14}" for v in list(row.values())[2:-1]]
+        print("  ".join(cells))
+    same = all(outcomes[key] == outcomes[setups[0]] for key in setups)
+    print(f"per-episode outcomes identical across worker counts and backends: {same}")
     out = {
         "policy": args.policy,
         "cfg": args.cfg,
@@ -86,6 +107,7 @@ def main() -> None:
         "episodes": args.episodes,
         "num_envs": args.num_envs,
         "repeats": args.repeats,
+        "backends": backends,
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "outcomes_identical": same,

@@ -492,6 +492,13 @@ class EvalConfig:
     # concurrent episodes (the policy batch), split over workers; results don't depend on workers
     num_envs: int = 8
     worker_timeout_s: float = 300.0  # a worker silent this long counts as crashed (its episodes fail)
+    # where the env workers run: spawned processes here, or Ray actors (docs/scale.md); same results
+    backend: Literal["local", "ray"] = "local"
+    # Ray cluster to join ("auto", "host:port", "ray://host:port"); None: $RAY_ADDRESS if set, else a
+    # local Ray started by the first evaluation and kept until the process exits
+    ray_address: str | None = None
+    ray_num_cpus: float = 1.0  # CPUs each env actor reserves
+    ray_num_gpus: float = 0.0  # GPUs each env actor reserves (e.g. 0.25 to share a GPU among 4)
 
     def __post_init__(self) -> None:
         _check(self.episodes >= 0, "eval.episodes", self.episodes, "use 0 (no final evaluation) or more")
@@ -501,6 +508,23 @@ class EvalConfig:
         _check(self.video >= 0, "eval.video", self.video, "use 0 or more")
         _check(self.num_envs >= 1, "eval.num_envs", self.num_envs, "use 1 or more concurrent episodes")
         _check(self.worker_timeout_s > 0, "eval.worker_timeout_s", self.worker_timeout_s, "use seconds > 0")
+        _check(self.backend in ("local", "ray"), "eval.backend", self.backend, "use local or ray")
+        _check(self.ray_num_cpus > 0, "eval.ray_num_cpus", self.ray_num_cpus, "use CPUs > 0 per env actor")
+        _check(self.ray_num_gpus >= 0, "eval.ray_num_gpus", self.ray_num_gpus, "use GPUs >= 0 per env actor")
+        address_ok = self.ray_address is None or bool(self.ray_address.strip())
+        _check(address_ok, "eval.ray_address", self.ray_address, "use an address (auto, host:port) or null")
+        if self.backend == "ray" and not self._ray_installed():
+            raise ConfigError("eval.backend=ray needs Ray, which is not installed: pip install -e '.[ray]'")
+
+    @staticmethod
+    def _ray_installed() -> bool:
+        """Whether ``import ray`` can work, without importing it (a None in sys.modules blocks it)."""
+        import importlib.util
+        import sys
+
+        if "ray" in sys.modules:
+            return sys.modules["ray"] is not None
+        return importlib.util.find_spec("ray") is not None
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 from vla_ft.errors import ConfigError, EnvError
 from vla_ft.eval.policies import ExpertPolicy, RandomPolicy, check_policy, runs_in_worker
-from vla_ft.eval.pool import WorkerPool
+from vla_ft.eval.pool import make_pool
 from vla_ft.eval.report import build_manifest, log_wandb, write_reports
 from vla_ft.eval.rollout import Rollout
 from vla_ft.eval.scoring import EpisodeResult, aggregate
@@ -73,9 +73,10 @@ def evaluate(
 ) -> EvalResult:
     """Roll ``policy`` out for ``eval_cfg.episodes`` seeded episodes and score them.
 
-    Workers (``eval_cfg.workers`` spawned processes) own ``eval_cfg.num_envs`` envs; the policy runs
-    batched in this process and its chunks execute open-loop for ``eval_cfg.replan_every`` steps.
-    Episode ``i`` resets with seed ``eval_cfg.seed + i``; results do not depend on the worker count.
+    Workers (``eval_cfg.workers`` spawned processes, or Ray actors with ``eval_cfg.backend="ray"``)
+    own ``eval_cfg.num_envs`` envs; the policy runs batched in this process and its chunks execute
+    open-loop for ``eval_cfg.replan_every`` steps. Episode ``i`` resets with seed ``eval_cfg.seed + i``;
+    results depend on neither the worker count nor the backend.
 
     Args:
         policy: an object with ``action_dim`` and ``predict_action(obs (N, ...), instructions) -> (N, H, A)``
@@ -111,7 +112,7 @@ def evaluate(
         raise EnvError(
             f"--policy expert needs a task of this suite; env.type=gym ({env_cfg.gym_id}) has none"
         )
-    pool = WorkerPool(env_cfg, max_steps, n_slots, int(eval_cfg.workers), options, eval_cfg.worker_timeout_s)
+    pool = make_pool(env_cfg, eval_cfg, max_steps, n_slots, options)
     try:
         spec = pool.start()
         policy = _resolve_policy(policy, spec, env_cfg, eval_cfg.seed)
@@ -150,6 +151,8 @@ def evaluate(
             "episodes_per_min": 60.0 * episodes / max(wall - setup_s, 1e-9),
             "workers": pool.n_workers,
             "worker_restarts": out.restarts,
+            "backend": pool.backend,
+            "nodes": sorted({e.node for e in out.episodes if e.node is not None}),
         },
     }
     if out_dir is not None:

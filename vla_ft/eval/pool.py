@@ -1,16 +1,19 @@
-"""A pool of spawned rollout workers with crash detection and restart.
+"""Pools of rollout workers with crash detection and restart: spawned processes or Ray actors.
 
 Slots (concurrent episodes) are dealt to workers round-robin: slot ``s`` lives in worker
 ``s % workers``. Requests go to every worker first and replies are collected afterwards, so
 workers step their envs in parallel. A worker that dies, closes its pipe or does not answer within
 ``timeout_s`` is killed and restarted; the caller learns which workers were lost (their envs and
 episodes are gone) through :meth:`WorkerPool.request`'s return value.
+
+:func:`make_pool` picks the backend from ``eval.backend``: :class:`WorkerPool` (``local``, spawned
+processes on this machine) or ``vla_ft.eval.ray_pool.RayPool`` (``ray``, one Ray actor per worker).
+Both serve the same requests from the same ``worker.EnvHost``.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 from typing import Any
 
 from vla_ft.eval.worker import worker_main
@@ -22,7 +25,57 @@ class WorkerError(RuntimeError):
     """An exception raised inside a worker (its traceback is the message)."""
 
 
-class WorkerPool:
+class BasePool:
+    """What every backend shares: slot dealing, the env spec, restart accounting.
+
+    A backend implements ``start() -> spec``, ``request(msgs) -> (replies, lost)``, ``close()``
+    and may override :meth:`node_of`.
+    """
+
+    backend = "local"
+
+    def __init__(self, n_slots: int, n_workers: int, timeout_s: float) -> None:
+        self.n_workers = max(1, min(n_workers, n_slots))
+        self.slots = {
+            w: [s for s in range(n_slots) if s % self.n_workers == w] for w in range(self.n_workers)
+        }
+        self.timeout_s = timeout_s
+        self.spec: dict[str, Any] | None = None
+        self.restarts = 0
+
+    def worker_of(self, slot: int) -> int:
+        return slot % self.n_workers
+
+    def node_of(self, w: int) -> str | None:
+        """Where worker ``w`` runs now (None: this machine)."""
+        return None
+
+    def _launch(self, w: int) -> None:
+        raise NotImplementedError
+
+    def _await_ready(self, w: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _start_workers(self) -> dict[str, Any]:
+        """Launch every worker, then wait for each; returns the env spec the first one reports."""
+        for w in range(self.n_workers):
+            self._launch(w)
+        for w in range(self.n_workers):
+            spec = self._await_ready(w)
+            if self.spec is None:
+                self.spec = spec
+        return self.spec
+
+    def restart(self, w: int) -> None:
+        """Replace a lost worker with a fresh one (its slots start empty)."""
+        self.restarts += 1
+        if self.restarts > 3 * self.n_workers + 3:
+            raise WorkerError(f"rollout workers crashed {self.restarts} times; giving up")
+        self._launch(w)
+        self._await_ready(w)
+
+
+class WorkerPool(BasePool):
     """Spawned workers that own the env slots.
 
     Args:
@@ -44,32 +97,17 @@ class WorkerPool:
         options: dict,
         timeout_s: float,
     ) -> None:
+        super().__init__(n_slots, n_workers, timeout_s)
         self.env_cfg = env_cfg
         self.max_steps = max_steps
-        self.n_workers = max(1, min(n_workers, n_slots))
-        self.slots = {
-            w: [s for s in range(n_slots) if s % self.n_workers == w] for w in range(self.n_workers)
-        }
         self.options = options
-        self.timeout_s = timeout_s
         self.ctx = mp.get_context("spawn")  # forking after an EGL renderer exists hangs the child
         self.procs: dict[int, Any] = {}
         self.conns: dict[int, Any] = {}
-        self.spec: dict[str, Any] | None = None
-        self.restarts = 0
-
-    def worker_of(self, slot: int) -> int:
-        return slot % self.n_workers
 
     def start(self) -> dict[str, Any]:
         """Start every worker; returns the env spec the first one reports."""
-        for w in range(self.n_workers):
-            self._launch(w)
-        for w in range(self.n_workers):
-            spec = self._await_ready(w)
-            if self.spec is None:
-                self.spec = spec
-        return self.spec
+        return self._start_workers()
 
     def _launch(self, w: int) -> None:
         parent, child = self.ctx.Pipe()
@@ -115,14 +153,6 @@ class WorkerPool:
         proc.join(timeout=10)
         self.conns[w].close()
 
-    def restart(self, w: int) -> None:
-        """Replace a lost worker with a fresh process (its slots start empty)."""
-        self.restarts += 1
-        if self.restarts > 3 * self.n_workers + 3:
-            raise WorkerError(f"rollout workers crashed {self.restarts} times; giving up")
-        self._launch(w)
-        self._await_ready(w)
-
     def request(self, msgs: dict[int, tuple]) -> tuple[dict[int, list], list[int]]:
         """Send one message to each listed worker, then gather the replies.
 
@@ -162,5 +192,17 @@ class WorkerPool:
                 proc.join(timeout=10)
             self.conns[w].close()
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs.values() if p.pid is not None and p.pid != os.getpid()]
+
+def make_pool(env_cfg: Any, eval_cfg: Any, max_steps: int | None, n_slots: int, options: dict) -> BasePool:
+    """The worker pool ``eval_cfg.backend`` names (not started)."""
+    args = (env_cfg, max_steps, n_slots, int(eval_cfg.workers), options, eval_cfg.worker_timeout_s)
+    if eval_cfg.backend == "ray":
+        from vla_ft.eval.ray_pool import RayPool
+
+        return RayPool(
+            *args,
+            address=eval_cfg.ray_address,
+            num_cpus=eval_cfg.ray_num_cpus,
+            num_gpus=eval_cfg.ray_num_gpus,
+        )
+    return WorkerPool(*args)

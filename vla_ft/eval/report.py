@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from vla_ft.config import REPO_ROOT
+from vla_ft.eval.scoring import REASON_CRASH
 
-PACKAGES = ("numpy", "torch", "mujoco", "gymnasium", "vla-ft", "transformers", "timm", "metaworld")
+PACKAGES = ("numpy", "torch", "mujoco", "gymnasium", "vla-ft", "transformers", "timm", "metaworld", "ray")
 
 
 def _version(pkg: str) -> str | None:
@@ -163,7 +164,21 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| of {g['episodes']} | " + " | ".join(str(g["events"][n]) for n in names) + " |",
                 "",
             ]
+    lines += _crash_lines(report)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _crash_lines(report: dict[str, Any]) -> list[str]:
+    """``eval.md``'s list of episodes lost with their worker, by the node it ran on."""
+    by_node: dict[str, list[int]] = {}
+    for e in report["episodes"]:
+        if e["reason"] == REASON_CRASH:
+            by_node.setdefault(e.get("node") or "this machine (local pool)", []).append(e["index"])
+    if not by_node:
+        return []
+    lines = ["", "## Lost workers", "", "| node | worker_crash episodes |", "|---|---|"]
+    lines += [f"| {node} | {', '.join(map(str, idx))} |" for node, idx in sorted(by_node.items())]
+    return lines
 
 
 def write_reports(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

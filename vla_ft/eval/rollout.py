@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vla_ft.eval.policies import runs_in_worker
-from vla_ft.eval.pool import WorkerPool
+from vla_ft.eval.pool import BasePool
 from vla_ft.eval.scoring import REASON_CRASH, EpisodeResult
 
 
@@ -30,6 +30,7 @@ class _Active:
     task: str = ""
     obs: dict[str, np.ndarray] | None = None
     steps: int = 0  # env steps the main process knows were executed
+    node: str | None = None  # where the worker running it is (Ray backend; None: this machine)
     chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # temporal ensembling
 
 
@@ -81,10 +82,10 @@ def _ensemble(state: _Active, chunk: np.ndarray, weight: float) -> np.ndarray:
 
 
 class Rollout:
-    """Runs ``episodes`` episodes of ``policy`` over a :class:`WorkerPool`.
+    """Runs ``episodes`` episodes of ``policy`` over a worker pool (spawned processes or Ray actors).
 
     Args:
-        pool: started worker pool.
+        pool: started worker pool (``vla_ft.eval.pool.make_pool``).
         policy: the policy (or an in-worker :class:`ExpertPolicy`).
         episodes: number of episodes.
         seed: episode ``i`` uses reset seed ``seed + i``.
@@ -96,7 +97,7 @@ class Rollout:
 
     def __init__(
         self,
-        pool: WorkerPool,
+        pool: BasePool,
         policy: Any,
         episodes: int,
         seed: int,
@@ -121,8 +122,9 @@ class Rollout:
     ) -> None:
         st = self.active.pop(slot)
         self.results[st.index] = EpisodeResult(
-            st.index, st.seed, st.task, st.instruction, bool(success), int(steps), reason, events=events or {}
-        )
+            st.index, st.seed, st.task, st.instruction, bool(success), int(steps), reason,
+            events=events or {}, node=st.node,
+        )  # fmt: skip
         self.keeper.offer(st.index, success, frames)
 
     def _lose_workers(self, lost: list[int]) -> None:
@@ -143,7 +145,9 @@ class Rollout:
         for slot in range(self.n_slots):
             if slot not in self.active and self.pending:
                 idx = self.pending.pop()
-                self.active[slot] = _Active(idx, self.seed + idx)
+                self.active[slot] = _Active(
+                    idx, self.seed + idx, node=self.pool.node_of(self.pool.worker_of(slot))
+                )
                 todo[slot] = (slot, idx, self.seed + idx, self.keeper.may_keep(idx))
         if not todo:
             return

@@ -36,6 +36,8 @@ class EpisodeResult:
         events: the task's events (``envs.tasks.Task.events``: ``grasped``, ``grasped_other``,
             ``over_destination``, ...) -> the first step (1-based) at which each held, None when it
             never did; empty for envs that report none (gymnasium ids) and crashed episodes.
+        node: the Ray node the episode ran on, ``"<ip> (<node id>)"`` (``eval.backend: ray``; None:
+            the local pool on this machine).
     """
 
     index: int
@@ -47,6 +49,7 @@ class EpisodeResult:
     reason: str
     video: str | None = None
     events: dict[str, int | None] = field(default_factory=dict)
+    node: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

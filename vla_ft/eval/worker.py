@@ -1,6 +1,8 @@
-"""The rollout worker: a spawned process that owns a few envs and steps them on request.
+"""The rollout worker: a process that owns a few envs and steps them on request.
 
-Protocol (over one ``multiprocessing`` pipe; every request gets exactly one reply):
+:class:`EnvHost` holds the envs and answers requests; :func:`worker_main` serves it over a pipe in a
+spawned process (``eval.backend: local``), ``vla_ft.eval.ray_pool`` from a Ray actor
+(``eval.backend: ray``). Protocol (every request gets exactly one reply):
 
 * on start: ``("ready", spec)`` with ``action_dim``, ``action_low``/``action_high``, ``obs_keys``,
   ``max_steps`` (the episode limit in force).
@@ -9,7 +11,7 @@ Protocol (over one ``multiprocessing`` pipe; every request gets exactly one repl
 * ``("step", [(slot, actions (k, A) | None, k), ...])`` -> ``("obs", [(slot, obs, done), ...])``:
   executes up to ``k`` actions open-loop (``None``: the in-worker expert acts at every step) and stops
   early when the episode ends; ``done`` is None or ``{success, steps, reason, frames}``.
-* ``("close",)`` -> the worker closes its envs and exits.
+* ``("close",)`` -> the worker closes its envs and exits (no reply).
 
 Observations sent back are the last ``history`` frames stacked on a leading T axis when
 ``history > 1``, else a single frame. A user error in a worker (a ``VLAFTError``: unknown task, bad
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 import traceback
 from collections import deque
@@ -157,50 +160,79 @@ def _step(slot: _Slot, actions: np.ndarray | None, k: int) -> dict[str, Any] | N
     return None
 
 
+class EnvHost:
+    """The env slots of one worker and the requests on them.
+
+    Shared by the spawned worker process (:func:`worker_main`, over a pipe) and the Ray actor
+    (``vla_ft.eval.ray_pool``): both build their envs and answer requests through this class.
+    """
+
+    def __init__(self, env_cfg: Any, max_steps: int | None, slots: list[int], options: dict) -> None:
+        self.max_steps = max_steps
+        self.expert = options["expert"]
+        self.slots: dict[int, _Slot] = {}
+        try:
+            for s in slots:
+                self.slots[s] = _Slot(make_env(env_cfg, max_steps, render=True), options["history"])
+        except BaseException:
+            self.close()  # renderers must be closed explicitly (docs/traps.md)
+            raise
+
+    def spec(self) -> dict[str, Any]:
+        """The ``ready`` payload: action dim and bounds, observation keys, the episode limit."""
+        env = next(iter(self.slots.values())).env
+        probe, _ = env.reset(seed=0)
+        return {
+            "action_dim": int(np.prod(env.action_space.shape)),
+            "action_low": np.asarray(env.action_space.low, dtype=np.float32).reshape(-1),
+            "action_high": np.asarray(env.action_space.high, dtype=np.float32).reshape(-1),
+            "obs_keys": sorted(probe),
+            "max_steps": _episode_limit(env, self.max_steps),
+        }
+
+    def handle(self, msg: tuple) -> list:
+        """The payload of the ``("obs", payload)`` reply to a ``reset`` or ``step`` request."""
+        if msg[0] == "reset":
+            return [
+                (s, *_reset(self.slots[s], i, seed, rec, self.expert, self.max_steps))
+                for s, i, seed, rec in msg[1]
+            ]
+        if msg[0] == "step":
+            out = []
+            for s, actions, k in msg[1]:
+                done = _step(self.slots[s], actions, k)
+                out.append((s, self.slots[s].model_obs(), done))
+            return out
+        raise ValueError(f"unknown worker request {msg[0]!r}")
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            slot.env.close()
+        self.slots = {}
+
+
+def error_reply() -> tuple:
+    """The reply for the exception being handled: a user error as itself, anything else as a traceback."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, VLAFTError):  # unknown task, bad key map, NaN action: re-raised as is
+        return ("user_error", exc)
+    return ("error", traceback.format_exc())
+
+
 def worker_main(conn: Any, env_cfg: Any, max_steps: int | None, slots: list[int], options: dict) -> None:
     """Entry point of a spawned worker (see the module docstring for the protocol)."""
-    envs_by_slot: dict[int, _Slot] = {}
+    host = None
     try:
-        for s in slots:
-            env = make_env(env_cfg, max_steps, render=True)
-            envs_by_slot[s] = _Slot(env, options["history"])
-        env = envs_by_slot[slots[0]].env
-        probe, _ = env.reset(seed=0)
-        conn.send(
-            (
-                "ready",
-                {
-                    "action_dim": int(np.prod(env.action_space.shape)),
-                    "action_low": np.asarray(env.action_space.low, dtype=np.float32).reshape(-1),
-                    "action_high": np.asarray(env.action_space.high, dtype=np.float32).reshape(-1),
-                    "obs_keys": sorted(probe),
-                    "max_steps": _episode_limit(env, max_steps),
-                },
-            )
-        )
-        expert = options["expert"]
+        host = EnvHost(env_cfg, max_steps, slots, options)
+        conn.send(("ready", host.spec()))
         while True:
             msg = conn.recv()
             if msg[0] == "close":
                 break
-            if msg[0] == "reset":
-                out = [
-                    (s, *_reset(envs_by_slot[s], i, seed, rec, expert, max_steps))
-                    for s, i, seed, rec in msg[1]
-                ]
-            elif msg[0] == "step":
-                out = []
-                for s, actions, k in msg[1]:
-                    done = _step(envs_by_slot[s], actions, k)
-                    out.append((s, envs_by_slot[s].model_obs(), done))
-            else:
-                raise ValueError(f"unknown worker request {msg[0]!r}")
-            conn.send(("obs", out))
-    except VLAFTError as exc:  # a user error (unknown task, bad key map, NaN action): re-raised as is
-        conn.send(("user_error", exc))
+            conn.send(("obs", host.handle(msg)))
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        conn.send(error_reply())
     finally:
-        for slot in envs_by_slot.values():
-            slot.env.close()
+        if host is not None:
+            host.close()
         conn.close()
