@@ -28,21 +28,25 @@ def _synthetic_info():
     return module.synthetic_info(64, 4)
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A tiny base policy with the pick_place dims, saved in our format (random weights)."""
+def save_tiny_base(path: Path) -> Path:
+    """A tiny base policy with the pick_place dims, saved in our format at ``path`` (random weights)."""
     import torch
 
     from vla_ft.config import ModelConfig
     from vla_ft.models import load_vla
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "tiny_base"
     load_vla(ModelConfig(preset="tiny", extra={"pool_grid": 2}), _synthetic_info()).save_pretrained(path)
     return path
 
 
-def _overrides(tmp: Path, base: Path | None, demos: Path, **extra) -> list[str]:
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("base") / "tiny_base")
+
+
+def tiny_overrides(tmp: Path, base: Path | None, demos: Path, **extra) -> list[str]:
+    """Overrides that make pick_place.yaml tiny: 6 demos, batch 8, 1 thread, 15-step episodes."""
     values = {
         "model.pretrained": str(base) if base else "null",
         "data.paths": f"[{demos}]",
@@ -94,7 +98,7 @@ def test_lr_suffix_scales_a_training_rows_learning_rate_only():
 
 
 def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
-    cfg = load_config("pick_place.yaml", _overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
+    cfg = load_config("pick_place.yaml", tiny_overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
     shared = shared_config(cfg, tmp_path / "out", steps=30, episodes=5)
     rows = {name: row_config(shared, parse_row(name), tmp_path / "out", tiny_base) for name in
             ("base", "lora_r8", "full", "scratch", "full_w_task_0", "lora_r8_lr10")}  # fmt: skip
@@ -141,25 +145,25 @@ def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
     ],
 )
 def test_bad_arguments_fail_before_anything_runs(tmp_path, tiny_base, kwargs, pattern):
-    cfg = load_config("pick_place.yaml", _overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
+    cfg = load_config("pick_place.yaml", tiny_overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
     with pytest.raises(ConfigError, match=pattern):
         run_compare(cfg, tmp_path / "out", **kwargs)
     assert not (tmp_path / "d.hdf5").exists() and not (tmp_path / "out" / "comparison.json").exists()
 
 
 def test_base_must_be_a_local_checkpoint_and_out_dir_new(tmp_path, tiny_base):
-    cfg = load_config("pick_place.yaml", _overrides(tmp_path, tmp_path / "nope", tmp_path / "d.hdf5"))
+    cfg = load_config("pick_place.yaml", tiny_overrides(tmp_path, tmp_path / "nope", tmp_path / "d.hdf5"))
     with pytest.raises(ConfigError, match="is not a local checkpoint directory"):
         run_compare(cfg, tmp_path / "out")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "old.txt").write_text("x")
-    cfg = load_config("pick_place.yaml", _overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
+    cfg = load_config("pick_place.yaml", tiny_overrides(tmp_path, tiny_base, tmp_path / "d.hdf5"))
     with pytest.raises(ConfigError, match="is not empty: give a new directory"):
         run_compare(cfg, tmp_path / "used")
 
 
 def test_without_a_base_the_base_rows_are_reported_na_not_faked(tmp_path, capsys):
-    cfg = load_config("pick_place.yaml", _overrides(tmp_path, None, tmp_path / "d.hdf5"))
+    cfg = load_config("pick_place.yaml", tiny_overrides(tmp_path, None, tmp_path / "d.hdf5"))
     code = run_compare(cfg, tmp_path / "out", rows=["base", "lora_r8", "full", "full_w_task_0.5"])
     assert code == 0
     report = json.loads((tmp_path / "out" / "comparison.json").read_text())
@@ -182,15 +186,18 @@ def test_run_child_reports_each_childs_own_peak_memory(tmp_path):
     del ballast
 
 
-@pytest.fixture(scope="module")
-def demos(tmp_path_factory) -> Path:
-    """Six scripted pick_place demos at 64 px, collected once for the runs below."""
+def collect_tiny_demos(path: Path) -> Path:
+    """Six scripted pick_place demos (the config's image size) collected into ``path``."""
     from vla_ft.data.collect import run_collect
 
-    path = tmp_path_factory.mktemp("demos") / "pick_place.hdf5"
-    tmp = path.parent
-    run_collect(load_config("pick_place.yaml", _overrides(tmp, None, path)))
+    run_collect(load_config("pick_place.yaml", tiny_overrides(path.parent, None, path)))
     return path
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> Path:
+    """Collected once for the runs below."""
+    return collect_tiny_demos(tmp_path_factory.mktemp("demos") / "pick_place.hdf5")
 
 
 @pytest.mark.slow
@@ -201,7 +208,7 @@ def test_a_crashing_row_is_reported_failed_and_the_exit_status_is_nonzero(tmp_pa
         (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     cmd = [sys.executable, str(REPO / "scripts" / "compare.py"), "--cfg", "pick_place.yaml",
-           *_overrides(tmp_path, broken, demos), "--out", str(tmp_path / "out"), "--rows", "base",
+           *tiny_overrides(tmp_path, broken, demos), "--out", str(tmp_path / "out"), "--rows", "base",
            "--episodes", "1"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -219,7 +226,7 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path, tiny_base, demos):
     out = tmp_path / "out"
     own = f"full_w_task_{load_config('pick_place.yaml').loss.w_task:g}"  # the config's own weight
     cmd = [sys.executable, str(REPO / "scripts" / "compare.py"), "--cfg", "pick_place.yaml",
-           *_overrides(tmp_path, tiny_base, demos), "--out", str(out),
+           *tiny_overrides(tmp_path, tiny_base, demos), "--out", str(out),
            "--rows", f"base,lora_r8,full,{own}", "--steps", "4", "--episodes", "2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

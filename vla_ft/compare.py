@@ -199,8 +199,6 @@ def shared_config(cfg: Config, out: Path, steps: int | None, episodes: int | Non
         if episodes < 1:
             raise ConfigError(f"--episodes {episodes}: use 1 or more evaluation episodes")
         values["eval"]["episodes"] = episodes
-    if values["eval"]["episodes"] < 1:
-        raise ConfigError("eval.episodes=0: the comparison scores success rates; use 1 or more episodes")
     data = [str(Path(p).resolve()) for p in values["data"]["paths"]]
     if Path(values["collect"]["output"]).resolve() == Path(data[0]):
         values["collect"]["output"] = data[0]
@@ -275,7 +273,7 @@ def run_child(cmd: list[str], log: Path, poll_s: float = 0.1) -> tuple[int, floa
     return code, time.perf_counter() - start, peak
 
 
-def _error_line(log: Path) -> str:
+def error_line(log: Path) -> str:
     """The child's one-line error (``error: ...`` from the CLI) or the last line of its traceback."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
@@ -328,7 +326,7 @@ def run_row(row: Row, cfg_file: Path, out: Path, base: Path | None) -> RowResult
     code, res.wall_s, res.peak_rss_mb = run_child(cmd, log)
     res.exit_code = code
     if code != 0:
-        res.status, res.error = "failed", _error_line(log)
+        res.status, res.error = "failed", error_line(log)
         return res
     try:
         _collect_results(res, row, run_dir)
@@ -348,7 +346,7 @@ def _fmt_result(res: RowResult) -> str:
     )
 
 
-def _display(cmd: list[str]) -> str:
+def display_command(cmd: list[str]) -> str:
     """A command as a user would type it (``python scripts/x.py ...``)."""
     return shlex.join(["python", os.path.relpath(cmd[1], os.getcwd()), *cmd[2:]])
 
@@ -362,12 +360,16 @@ def _check_scratch_arch(results: list[RowResult]) -> None:
         scratch.note = f"{scratch.note}; {note}" if scratch.note else note
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
+    """The machine a benchmark ran on: platform, processor, CPU count, Python and torch versions."""
+    import torch
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "torch": torch.__version__,
     }
 
 
@@ -409,7 +411,7 @@ def _run_rows(
             continue
         seen[key] = row.name
         cfg_file = write_atomic(out / "configs" / f"{row.name}.yaml", yaml.safe_dump(values, sort_keys=False))
-        print(f"{head}\n[compare]   {_display(row_command(row, cfg_file, base))}", flush=True)
+        print(f"{head}\n[compare]   {display_command(row_command(row, cfg_file, base))}", flush=True)
         res = run_row(row, cfg_file, out, base)
         component = values["model"]["language"] or values["model"]["vlm"]
         if row.from_scratch and isinstance(component, str):
@@ -429,7 +431,7 @@ def build_report(
         "command": shlex.join(argv) if argv else None,
         "config": shared["name"],
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "base": str(base) if base is not None else None,
         "budget": {
             "train.steps": shared["train"]["steps"],
@@ -475,6 +477,8 @@ def run_compare(
         raise ConfigError(f"--out {out} is not empty: give a new directory (rows would mix with old runs)")
     base = _resolve_base(cfg)
     shared = shared_config(cfg, out, steps, episodes)
+    if shared["eval"]["episodes"] < 1:
+        raise ConfigError("eval.episodes=0: the comparison scores success rates; use 1 or more episodes")
     plans = [
         (row, None if row.needs_base and base is None else row_config(shared, row, out, base))
         for row in row_list

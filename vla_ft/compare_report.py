@@ -129,6 +129,27 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rate_error_bars(rows: list[dict[str, Any]]) -> tuple[list[float], list[float], list[float]]:
+    """Success rates (%) and the lengths below and above them of their 95% CIs, for error bars.
+
+    ``rows`` are dicts with ``success_rate`` and ``ci95`` ([low, high], fractions); a row without a
+    rate (failed, n/a) gives 0 for all three.
+    """
+    rate, low, high = [], [], []
+    for r in rows:
+        pct, below, above = 0.0, 0.0, 0.0
+        if r.get("success_rate") is not None:
+            pct = 100 * r["success_rate"]
+            # max(0, .): a Wilson bound can sit on the rate up to rounding, and matplotlib refuses an
+            # error bar of -1e-17 (found by the first full compare run: 0/100 rows)
+            below = max(0.0, pct - 100 * r["ci95"][0])
+            above = max(0.0, 100 * r["ci95"][1] - pct)
+        rate.append(pct)
+        low.append(below)
+        high.append(above)
+    return rate, low, high
+
+
 def render_plot(report: dict[str, Any], path: Path) -> Path:
     """``comparison.png``: success rate with 95% CI error bars, and wall time (train + eval) per row."""
     import matplotlib
@@ -140,11 +161,7 @@ def render_plot(report: dict[str, Any], path: Path) -> Path:
     names = [r["name"] for r in rows]
     x = list(range(len(rows)))
     ok = [r["status"] == "ok" for r in rows]
-    rate = [100 * r["success_rate"] if o else 0.0 for r, o in zip(rows, ok)]
-    # max(0, .): the Wilson bound at 0/n (n/n) is 0 (1) only up to rounding, and matplotlib refuses
-    # an error bar of -1e-17 (found by the first full compare run: 0/100 rows)
-    low = [max(0.0, rate[i] - 100 * r["ci95"][0]) if ok[i] else 0.0 for i, r in enumerate(rows)]
-    high = [max(0.0, 100 * r["ci95"][1] - rate[i]) if ok[i] else 0.0 for i, r in enumerate(rows)]
+    rate, low, high = rate_error_bars([r if o else {} for r, o in zip(rows, ok)])
     train = [(r.get("train_s") or 0.0) / 60 if o else 0.0 for r, o in zip(rows, ok)]
     evals = [(r.get("eval_s") or 0.0) / 60 if o else 0.0 for r, o in zip(rows, ok)]
 
