@@ -4,6 +4,8 @@ and the share of a training step spent waiting for data (default `tiny` model, b
 
     python scripts/bench_data.py                       # 200 demos x 150 steps, two 96 px cameras
     python scripts/bench_data.py --demos 20 --quick    # smoke run
+    python scripts/bench_data.py --lerobot ROOT        # + LeRobotDataset v3 rows: ROOT read directly
+                                                       #   vs. the same data converted to HDF5
 
 The generated file is written once with vla_ft.data.writer (our collection layout) and reused.
 Prints a table and writes JSON to --out. Numbers depend on machine load: say where they came from.
@@ -139,7 +141,11 @@ def make_step(info, batch: int):
 
 
 def bench_wait(ds, step, batch: int, workers: int, steps: int) -> dict[str, float]:
-    it = iter(loader_for(ds, batch, workers, seed=1))
+    return time_wait(iter(loader_for(ds, batch, workers, seed=1)), step, steps)
+
+
+def time_wait(it, step, steps: int) -> dict[str, float]:
+    """Time ``steps`` training steps fed by ``it``: the share of the step spent waiting for data."""
     step(next(it))  # warm-up
     wait = compute = 0.0
     for _ in range(steps):
@@ -156,6 +162,42 @@ def bench_wait(ds, step, batch: int, workers: int, steps: int) -> dict[str, floa
     }
 
 
+def _drawn_loader(ds, batch: int, workers: int, n_batches: int) -> DataLoader:
+    """Batches drawn with replacement (a dataset smaller than the run is reused across epochs)."""
+    g = torch.Generator().manual_seed(0)
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=batch * n_batches, generator=g)
+    return DataLoader(
+        ds, batch, sampler=sampler, num_workers=workers, drop_last=True, collate_fn=ds.collate_fn
+    )
+
+
+def bench_lerobot(root: str, out_dir: Path, tok, batch: int, workers: int, batches: int, steps: int) -> dict:
+    """The v3 reader vs. our HDF5 reader on the same data (ROOT converted once), RAM-cached and lazy,
+    plus the data wait of `tiny` training steps on the v3 root (RAM-cached)."""
+    from vla_ft.data.lerobot import convert_to_hdf5
+
+    h5 = convert_to_hdf5(root, out_dir / f"{Path(root).name}_converted.hdf5")
+    rows = []
+    for source, path in (("v3", root), ("hdf5", str(h5))):
+        for cache in ("ram", "lazy"):
+            t0 = time.perf_counter()
+            cfg = DataConfig(paths=[path], cache_images=cache, split="random", val_fraction=0.0)
+            train, _, info = build_datasets(cfg, tok, seed=0)
+            build_s = time.perf_counter() - t0
+            it = iter(_drawn_loader(train, batch, workers, batches + 1))
+            next(it)  # worker start-up and first fetch are not counted
+            t0 = time.perf_counter()
+            for _ in it:
+                pass
+            sps = batches * batch / (time.perf_counter() - t0)
+            rows.append({"source": source, "cache": cache, "build_s": build_s, "samples_per_s": sps})
+    cfg = DataConfig(paths=[root], cache_images="ram", split="random", val_fraction=0.0)
+    train, _, info = build_datasets(cfg, tok, seed=0)
+    step, _ = make_step(info, batch)
+    train_wait = time_wait(iter(_drawn_loader(train, batch, workers, steps + 1)), step, steps)
+    return {"root": root, "workers": workers, "batch": batch, "rows": rows, "train_wait": train_wait}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demos", type=int, default=200)
@@ -169,6 +211,9 @@ def main(argv=None) -> dict:
     p.add_argument("--file", default=None, help="HDF5 file to use (default: generated under runs/bench/)")
     p.add_argument("--out", default="runs/bench/data.json")
     p.add_argument("--quick", action="store_true", help="few batches, for a smoke run")
+    p.add_argument(
+        "--lerobot", default=None, help="LeRobotDataset v3 root: add v3 rows (vs. the same data as HDF5)"
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.batches, a.train_steps, a.stats_frames = 3, 3, 100_000
@@ -220,6 +265,16 @@ def main(argv=None) -> dict:
     print(f"{'workers':>7} {'step ms':>8} {'wait ms':>8} {'wait %':>7}")
     for r in res["train_wait"]:
         print(f"{r['workers']:>7} {r['step_ms']:>8.1f} {r['wait_ms']:>8.2f} {100 * r['wait_share']:>6.1f}%")
+    if a.lerobot:
+        lr = res["lerobot"] = bench_lerobot(
+            a.lerobot, out_dir, tok, a.batch, workers[0], a.batches, a.train_steps
+        )
+        print(f"\nLeRobotDataset v3 {a.lerobot} vs. the same data as HDF5 ({lr['workers']} workers)")
+        print(f"{'source':>6} {'cache':>6} {'build s':>8} {'samples/s':>10}")
+        for r in lr["rows"]:
+            print(f"{r['source']:>6} {r['cache']:>6} {r['build_s']:>8.2f} {r['samples_per_s']:>10.0f}")
+        w = lr["train_wait"]
+        print(f"v3 (RAM-cached) training step {w['step_ms']:.1f} ms, data wait {100 * w['wait_share']:.1f}%")
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"\nwrote {a.out}")
     return res

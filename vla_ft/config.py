@@ -75,6 +75,12 @@ class DataConfig:
     history: int = 1  # observation frames per sample (t-history+1 .. t)
     chunk: int = 4  # action chunk length H (t .. t+H-1)
     normalization: Literal["mean_std", "min_max", "quantile", "none"] = "mean_std"
+    # statistics behind `normalization`: compute (from the training demos) or dataset (a LeRobot
+    # dataset's own meta/stats.json; every path must then be a LeRobotDataset v3 root)
+    norm_stats: Literal["compute", "dataset"] = "compute"
+    # LeRobotDataset camera feature -> our image key; unlisted cameras map
+    # observation.images.<name> -> <name>_image
+    lerobot_image_map: dict[str, str] = field(default_factory=dict)
     split: Literal["auto", "mask", "random"] = "auto"  # auto: mask/train+mask/valid when present
     val_fraction: float = 0.1  # share of demos held out when splitting randomly (by demo)
     max_demos: int | None = None  # use at most this many training demos (None: all)
@@ -89,7 +95,23 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        _check(len(self.paths) > 0, "data.paths", self.paths, "give at least one HDF5 file")
+        _check(
+            len(self.paths) > 0,
+            "data.paths",
+            self.paths,
+            "give at least one HDF5 file or LeRobotDataset v3 root",
+        )
+        for src, dst in self.lerobot_image_map.items():
+            _check(
+                bool(src) and bool(dst) and "/" not in dst,
+                f"data.lerobot_image_map.{src}",
+                dst,
+                "map a LeRobot camera feature (e.g. observation.images.front) to an image key without '/' "
+                "(e.g. agentview_image)",
+            )
+        targets = list(self.lerobot_image_map.values())
+        dup = next((t for t in targets if targets.count(t) > 1), None)
+        _check(dup is None, "data.lerobot_image_map", self.lerobot_image_map, f"two cameras map to {dup!r}")
         if self.weights is not None:
             _check(
                 len(self.weights) == len(self.paths) and all(w > 0 for w in self.weights),

@@ -107,6 +107,60 @@ def _check_compatible(scans: list[FileScan], cfg: DataConfig) -> None:
             )
 
 
+def dataset_stats(scans: list[FileScan], cfg: DataConfig) -> dict[str, dict[str, np.ndarray]]:
+    """Normalizer statistics from the datasets' own ``meta/stats.json`` (``data.norm_stats=dataset``).
+
+    They cover every episode of each dataset (validation ones too), as LeRobot's training does.
+    Several datasets pool exactly for mean/std/min/max (by frame count); q01/q99 become the
+    count-weighted mean of the per-dataset quantiles (an approximation).
+    """
+    for s in scans:
+        if s.stats is None:
+            what = (
+                "an HDF5 file" if s.frames is None else "a LeRobot dataset without a usable meta/stats.json"
+            )
+            raise DataError(
+                f"{s.path}: data.norm_stats=dataset needs every data.paths entry to be a LeRobotDataset "
+                f"with meta/stats.json covering the action and state features; this is {what}: use "
+                "data.norm_stats=compute"
+            )
+    out: dict[str, dict[str, np.ndarray]] = {}
+    keys = ["action"] + (["state"] if scans[0].state_dims and sum(scans[0].state_dims) else [])
+    for key in keys:
+        per = []
+        for s in scans:
+            st = s.stats.get(key)
+            need = ["mean", "std", "min", "max"] + (["q01", "q99"] if cfg.normalization == "quantile" else [])
+            missing = [n for n in need if st is None or n not in st]
+            if missing:
+                raise DataError(
+                    f"{s.path}: meta/stats.json lacks {key} statistics {missing}; use data.norm_stats=compute"
+                )
+            st = dict(st)
+            st.setdefault("q01", st["min"])  # unused outside quantile mode
+            st.setdefault("q99", st["max"])
+            n = float(np.asarray(st.get("count", [sum(d.length for d in s.demos)])).reshape(-1)[0])
+            per.append((n, st))
+        w = np.array([n for n, _ in per]) / sum(n for n, _ in per)
+        mean = sum(wi * st["mean"] for wi, (_, st) in zip(w, per))
+        second = sum(wi * (st["std"] ** 2 + st["mean"] ** 2) for wi, (_, st) in zip(w, per))
+        out[key] = {
+            "mean": mean,
+            "std": np.sqrt(np.maximum(second - mean**2, 0.0)) if len(per) > 1 else per[0][1]["std"],
+            "min": np.min([st["min"] for _, st in per], axis=0),
+            "max": np.max([st["max"] for _, st in per], axis=0),
+            "q01": sum(wi * st["q01"] for wi, (_, st) in zip(w, per)),
+            "q99": sum(wi * st["q99"] for wi, (_, st) in zip(w, per)),
+        }
+        dim = scans[0].demos[0].actions.shape[1] if key == "action" else scans[0].demos[0].state.shape[1]
+        if out[key]["mean"].shape != (dim,):
+            raise DataError(
+                f"{scans[0].path}: meta/stats.json {key} statistics have {out[key]['mean'].shape[0]} dims, "
+                f"the data {dim}; use data.norm_stats=compute"
+            )
+    return out
+
+
 WAYPOINT_KEY_NAMES = ("ee_pos", "eef_pos")
 
 
@@ -165,11 +219,14 @@ def build_trajectory_datasets(
     by_name = [{d.name: d for d in s.demos} for s in scans]
     train_demos = [by_name[f][n] for f, (tr, _) in enumerate(splits) for n in tr]
     state = np.concatenate([d.state for d in train_demos])
-    normalizer = Normalizer.from_arrays(
-        data_cfg.normalization,
-        np.concatenate([d.actions for d in train_demos]),
-        state if state.shape[1] else None,
-    )
+    if data_cfg.norm_stats == "dataset":
+        normalizer = Normalizer(data_cfg.normalization, dataset_stats(scans, data_cfg))
+    else:
+        normalizer = Normalizer.from_arrays(
+            data_cfg.normalization,
+            np.concatenate([d.actions for d in train_demos]),
+            state if state.shape[1] else None,
+        )
     instructions: list[str] = []
     tasks: list[str] = []
     instruction_of, task_of = {}, {}

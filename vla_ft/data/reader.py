@@ -70,6 +70,9 @@ class FileScan:
     demos: list[Demo]
     masks: dict[str, list[str]] = field(default_factory=dict)  # filter key -> demo names
     skipped: list[str] = field(default_factory=list)  # demos dropped for NaN/Inf (bad_demos=skip)
+    # LeRobotDataset v3 roots only (vla_ft.data.lerobot): the image decoder and meta/stats.json
+    frames: Any = None  # LeRobotFrames; None: images are HDF5 datasets of the file
+    stats: dict[str, dict[str, np.ndarray]] | None = None  # {"action"/"state": {stat: (D,)}}
 
     @property
     def has_targets(self) -> bool:
@@ -149,6 +152,26 @@ def _default_keys(layout: str, kind: str, obs_keys: Sequence[str]) -> list[str]:
         if found:
             out.append(found[0])
     return out
+
+
+def _file_keys(data: h5py.Group) -> dict[str, list[str]]:
+    """Default keys a file names itself: ``data.attrs["obs_keys"]`` = JSON {"image": [...], "state": [...]}
+    (scripts/convert_lerobot.py writes it); {} when absent."""
+    raw = data.attrs.get("obs_keys")
+    if raw is None:
+        return {}
+    try:
+        keys = json.loads(_text(raw))
+    except json.JSONDecodeError:
+        keys = None
+    if not isinstance(keys, dict) or not all(
+        isinstance(v, list) and all(isinstance(k, str) for k in v) for v in keys.values()
+    ):
+        raise DataError(
+            f'{data.file.filename}: data attrs \'obs_keys\' is not JSON {{"image": [...], "state": [...]}}; '
+            "fix or remove it"
+        )
+    return keys
 
 
 def _file_instruction(data: h5py.Group) -> str | None:
@@ -303,9 +326,16 @@ class _DemoChecker:
 def scan_file(path: str, cfg: DataConfig) -> FileScan:
     """Check a trajectory file and read its low-dim data. See the module docstring.
 
+    A directory (or a hub id ``owner/name``) is a LeRobotDataset v3 root, read by
+    :func:`vla_ft.data.lerobot.scan_lerobot` into the same structure.
+
     Raises:
         DataError: any problem with the file, naming the file, demo and key.
     """
+    from vla_ft.data.lerobot import is_lerobot_path, scan_lerobot
+
+    if is_lerobot_path(path):
+        return scan_lerobot(path, cfg)
     where = ["data"]  # the object being read, for the message when a corrupt file fails a read
     try:
         return _scan(path, cfg, where)
@@ -329,12 +359,13 @@ def _scan(path: str, cfg: DataConfig, where: list[str]) -> FileScan:
             list(data[names[0]]["obs"].keys()) if isinstance(data[names[0]].get("obs"), h5py.Group) else []
         )
         layout = cfg.layout if cfg.layout != "auto" else _detect_layout(data, first_obs)
-        image_keys = (
-            cfg.image_keys if cfg.image_keys is not None else _default_keys(layout, "image", first_obs)
-        )
-        state_keys = (
-            cfg.state_keys if cfg.state_keys is not None else _default_keys(layout, "state", first_obs)
-        )
+        own = _file_keys(data)
+        image_keys = cfg.image_keys if cfg.image_keys is not None else own.get("image")
+        if image_keys is None:
+            image_keys = _default_keys(layout, "image", first_obs)
+        state_keys = cfg.state_keys if cfg.state_keys is not None else own.get("state")
+        if state_keys is None:
+            state_keys = _default_keys(layout, "state", first_obs)
         if not image_keys:
             raise DataError(
                 f"{path}: {names[0]}/obs: no camera key of the {layout} layout found (obs has: "

@@ -2,9 +2,10 @@
 
 Every frame t of every demo is one sample. Low-dim data (actions, state) lives in RAM; images are
 either cached in RAM or read lazily, with one h5py handle per process (reopened after a fork:
-h5py handles are not fork-safe). Per-sample images and state go through
-:func:`vla_ft.data.transforms.obs_to_inputs`, the same function the policy uses on live
-observations.
+h5py handles are not fork-safe); LeRobot v3 roots decode through their scan's ``frames``
+(:class:`vla_ft.data.lerobot.LeRobotFrames`, per-process decoders too). Per-sample images and
+state go through :func:`vla_ft.data.transforms.obs_to_inputs`, the same function the policy uses
+on live observations.
 
 ``get_batch(indices)`` builds a whole batch at once (vectorized; the DataLoader reaches it through
 ``__getitems__``), ``__getitem__`` is ``get_batch([i])`` without the leading B.
@@ -130,6 +131,7 @@ class TrajectoryDataset(Dataset):
         waypoint_scale: np.ndarray | None = None,
     ):
         self.paths = [s.path for s in scans]
+        self.frames = [s.frames for s in scans]  # LeRobot v3 decoders (None: HDF5 file)
         self.file_keys = [s.image_keys for s in scans]
         self.frame_bytes = [s.frame_bytes() for s in scans]
         sizes = [s.image_hw for s in scans]
@@ -208,6 +210,8 @@ class TrajectoryDataset(Dataset):
 
     def _read(self, ref: DemoRef, key: str, frames: np.ndarray) -> np.ndarray:
         """Lazy read of frames (T,) of one camera: uint8 (T, H, W, 3); dataset objects are cached."""
+        if self.frames[ref.file] is not None:
+            return self.frames[ref.file].read(ref.name, key, frames)
         h5 = self._handle(ref.file)  # resets the caches after a fork
         ds = self._datasets.get((ref.file, ref.name, key))
         if ds is None:
@@ -227,6 +231,9 @@ class TrajectoryDataset(Dataset):
         if self._pid == os.getpid():
             for h in self._handles.values():
                 h.close()
+        for fr in self.frames:
+            if fr is not None:
+                fr.close()
         self._handles, self._datasets = {}, {}
 
     def __getstate__(self) -> dict:
@@ -247,9 +254,14 @@ class TrajectoryDataset(Dataset):
             row = 0
             for d in demos:
                 ref = self.refs[int(d)]
-                h5 = self._handle(ref.file)
+                frames = self.frames[ref.file]
+                h5 = self._handle(ref.file) if frames is None else None
                 for arr, key in zip(arrays, self.file_keys[ref.file]):
-                    arr[row : row + ref.length] = read_frames(h5, ref.name, key, np.arange(ref.length))
+                    arr[row : row + ref.length] = (
+                        frames.episode(ref.name, key)
+                        if frames is not None
+                        else read_frames(h5, ref.name, key, np.arange(ref.length))
+                    )
                 start = int(self.demo_start[d])
                 self.cache_rows[start : start + ref.length] = np.arange(row, row + ref.length)
                 row += ref.length

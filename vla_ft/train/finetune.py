@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vla_ft.config import REPO_ROOT, Config, save_config
+from vla_ft.data.lerobot import is_lerobot_path
 from vla_ft.errors import ConfigError, DataError
 from vla_ft.train import checkpoint as ckpt_io
 from vla_ft.train.distributed import DistContext, micro_batch_size, setup_distributed
@@ -94,7 +95,8 @@ def ensure_data(cfg: Config) -> None:
     """Collect the configured demos when missing and allowed; else name the exact command."""
     from vla_ft.data.collect import warn_stale_env
 
-    missing = [p for p in cfg.data.paths if not Path(p).is_file()]
+    # a LeRobotDataset root (or hub id) is read as it is, never collected
+    missing = [p for p in cfg.data.paths if not Path(p).is_file() and not is_lerobot_path(p)]
     warn_stale_env([p for p in cfg.data.paths if p not in missing])
     if not missing:
         return
