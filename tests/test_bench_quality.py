@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_compare import collect_tiny_demos, save_tiny_base, tiny_overrides
+from test_compare import broken_copy, collect_tiny_demos, save_tiny_base, tiny_overrides
 
 from vla_ft.bench_quality import DEFAULT_EVAL_SEED, build_report, main, render_markdown, render_plot
 from vla_ft.eval.scoring import wilson_interval
@@ -120,11 +120,7 @@ def test_summary_mean_min_pooled_and_targets(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_seed_is_reported_with_its_log_and_exit_1(tmp_path, base, demos):
-    broken = tmp_path / "broken_base"
-    broken.mkdir()
-    for f in base.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    broken = broken_copy(base, tmp_path / "broken_base")
     out = tmp_path / "out"
     proc = _script(tmp_path, broken, demos, "--seeds", "2", "--episodes", "2", "--out", str(out))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]

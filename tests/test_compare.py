@@ -186,6 +186,15 @@ def test_run_child_reports_each_childs_own_peak_memory(tmp_path):
     del ballast
 
 
+def broken_copy(base: Path, path: Path) -> Path:
+    """A copy of checkpoint ``base`` at ``path`` whose weights file is not safetensors."""
+    path.mkdir()
+    for f in base.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    return path
+
+
 def collect_tiny_demos(path: Path) -> Path:
     """Six scripted pick_place demos (the config's image size) collected into ``path``."""
     from vla_ft.data.collect import run_collect
@@ -202,11 +211,7 @@ def demos(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_crashing_row_is_reported_failed_and_the_exit_status_is_nonzero(tmp_path, tiny_base, demos):
-    broken = tmp_path / "broken_base"
-    broken.mkdir()
-    for f in tiny_base.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    broken = broken_copy(tiny_base, tmp_path / "broken_base")
     cmd = [sys.executable, str(REPO / "scripts" / "compare.py"), "--cfg", "pick_place.yaml",
            *tiny_overrides(tmp_path, broken, demos), "--out", str(tmp_path / "out"), "--rows", "base",
            "--episodes", "1"]  # fmt: skip

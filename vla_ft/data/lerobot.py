@@ -106,6 +106,14 @@ def resolve_root(path: str | Path) -> Path:
 # ---- metadata ---------------------------------------------------------------------------------
 
 
+def _read_json(f: Path, fix: str) -> Any:
+    """A metadata JSON file; one DataError naming the file and ``fix`` when it does not parse."""
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{f}: cannot parse: {exc}; {fix}") from None
+
+
 def read_info(root: Path) -> dict[str, Any]:
     """``meta/info.json``, checked: a dict with a v3 ``codebase_version``, features, fps, data_path."""
     f = root / "meta" / "info.json"
@@ -114,12 +122,7 @@ def read_info(root: Path) -> dict[str, Any]:
             f"{root}: meta/info.json not found: not a LeRobotDataset root; data.paths takes HDF5 files "
             "and LeRobotDataset v3 directories (the folder holding meta/, data/ and videos/)"
         )
-    try:
-        info = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(
-            f"{f}: cannot parse: {exc}; the file is damaged: re-download or re-create the dataset"
-        ) from None
+    info = _read_json(f, "the file is damaged: re-download or re-create the dataset")
     if not isinstance(info, dict):
         raise DataError(f"{f}: expected a JSON object, got {type(info).__name__}; re-download the dataset")
     version = str(info.get("codebase_version", ""))
@@ -510,18 +513,19 @@ def scan_lerobot(path: str, cfg: DataConfig) -> FileScan:
     n_eps = len(eps["episode_index"])
     data_cols = {"index", "episode_index", "frame_index", "task_index"}
 
-    # every data file the episodes reference, in (chunk, file) order
-    def data_file(e: int) -> Path:
-        chunk = int(eps.get("data/chunk_index", [0] * n_eps)[e])
-        fidx = int(eps.get("data/file_index", [0] * n_eps)[e])
-        return root / info["data_path"].format(chunk_index=chunk, file_index=fidx)
-
-    files = sorted({data_file(e) for e in range(n_eps)})
+    # the data file of each episode (columns absent from meta/episodes mean chunk 0 / file 0)
+    data_chunks = eps.get("data/chunk_index") or [0] * n_eps
+    data_files = eps.get("data/file_index") or [0] * n_eps
+    ep_files = [
+        root / info["data_path"].format(chunk_index=int(c), file_index=int(i))
+        for c, i in zip(data_chunks, data_files)
+    ]
+    files = sorted(set(ep_files))  # every data file the episodes reference, in (chunk, file) order
     low_dim = [action, *state_feats]
     # the features info.json promises in the data files: everything but video cameras
     promised = [k for k, v in features.items() if isinstance(v, dict) and v.get("dtype") != "video"]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in [*low_dim, *sorted(data_cols)]}
-    file_rows: list[tuple[Path, int]] = []  # (file, first global row)
+    file_rows: dict[Path, int] = {}  # file -> its first global row
     n_rows = 0
     for f in files:
         rel = str(f.relative_to(root))
@@ -551,7 +555,7 @@ def scan_lerobot(path: str, cfg: DataConfig) -> FileScan:
             parts[k].append(_fixed_list(table.column(k), root, rel, k))
         for k in data_cols:
             parts[k].append(np.asarray(table.column(k).to_numpy(), dtype=np.int64))
-        file_rows.append((f, n_rows))
+        file_rows[f] = n_rows
         n_rows += table.num_rows
     cols = {k: np.concatenate(v) for k, v in parts.items()}
     index = cols["index"]
@@ -560,6 +564,7 @@ def scan_lerobot(path: str, cfg: DataConfig) -> FileScan:
 
     demos, skipped, frame_eps = [], [], {}
     dims: dict[str, int] = {}
+    ep_task_lists = eps.get("tasks") or [None] * n_eps
     for e in range(n_eps):
         ep_idx = int(eps["episode_index"][e])
         name = f"episode_{ep_idx}"
@@ -597,15 +602,14 @@ def scan_lerobot(path: str, cfg: DataConfig) -> FileScan:
             skipped.append(name)
             continue
         task_idx = int(cols["task_index"][rows[0]])
-        ep_tasks = eps.get("tasks", [None] * n_eps)[e] or []
+        ep_tasks = ep_task_lists[e] or []
         task = tasks.get(task_idx) or (ep_tasks[0] if ep_tasks else None) or cfg.instruction
         if not task:
             raise DataError(
                 f"{where}: no task string (task_index {task_idx} not in meta/tasks.parquet); set data.instruction"
             )
-        f = data_file(e)
-        first = dict(file_rows)[f]
-        frame_lo = int(rows[0]) - first
+        f = ep_files[e]
+        frame_lo = int(rows[0]) - file_rows[f]
         if not (rows == np.arange(rows[0], rows[0] + length)).all():
             raise DataError(
                 f"{where}: rows are not stored contiguously in {f.relative_to(root)}; re-create the dataset"
@@ -735,12 +739,7 @@ def _stats(root: Path, action: str, state_feats: Sequence[str]) -> dict[str, dic
     f = root / "meta" / "stats.json"
     if not f.is_file():
         return None
-    try:
-        raw = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(
-            f"{f}: cannot parse: {exc}; re-download the dataset or set data.norm_stats=compute"
-        ) from None
+    raw = _read_json(f, "re-download the dataset or set data.norm_stats=compute")
     out: dict[str, dict[str, np.ndarray]] = {}
     for ours, feats in (("action", [action]), ("state", list(state_feats))):
         if not feats:
