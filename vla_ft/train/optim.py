@@ -1,6 +1,6 @@
 """AdamW parameter groups and learning-rate schedules.
 
-Groups follow the fine-tuning recipe in ../shared/SEEDS.md:
+Groups follow the project's full fine-tuning recipe (docs/training.md):
 
 * no weight decay for biases, normalization weights, embeddings and learned tokens;
 * discriminative learning rates: ``train.module_lr`` multiplies the peak LR per module
