@@ -8,11 +8,12 @@ and exit with status 2, any other exception keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from vla_ft.config import Config, load_config
-from vla_ft.errors import VLAFTError
+from vla_ft.errors import PREEMPTED_EXIT, Preempted, VLAFTError
 
 OVERRIDES_HELP = (
     "dotted overrides applied after the YAML, e.g. train.lr=3e-5 model.pretrained=path/or/hub-id "
@@ -120,12 +121,23 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 
 
 def run_command(command: str, argv: Sequence[str]) -> int:
-    """Run one sub-command; user errors become one line on stderr and exit status 2."""
+    """Run one sub-command; user errors become one line on stderr and exit status 2.
+
+    A run stopped by SIGTERM/SIGINT after saving exits with status 75 (``PREEMPTED_EXIT``; rank 0
+    says where the checkpoint is); a second Ctrl-C aborts with status 130.
+    """
     try:
         return COMMANDS[command](argv)
     except VLAFTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"preempted: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except KeyboardInterrupt:
+        print("aborted by Ctrl-C: nothing was saved since the last checkpoint", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,3 +24,15 @@ class CheckpointError(VLAFTError):
 
 class EnvError(VLAFTError):
     """An environment/task name or argument is wrong."""
+
+
+class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on request and can go on)
+    """Training stopped on SIGTERM/SIGINT after writing a resumable checkpoint.
+
+    The CLI prints the message (rank 0) and exits with :data:`PREEMPTED_EXIT`.
+    """
+
+
+# sysexits.h EX_TEMPFAIL ("temporary failure, retry"): the exit status of a preempted run; a job
+# script requeues on it and reruns the same command with train.resume=auto
+PREEMPTED_EXIT = 75

@@ -122,6 +122,7 @@ def test_keypoint_window_is_saved_with_the_checkpoint(tmp_path):
     meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     del meta["arch"]["keypoint_window"]
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # such checkpoints had no manifest either
     assert VLAPolicy.from_pretrained(tmp_path / "ckpt").backbone.vision.keypoints.window == 0
 
 
@@ -259,6 +260,7 @@ def test_checkpoint_from_before_state_film_and_waypoint_head_loads(tmp_path, cap
     old = {k: v for k, v in tensors.items() if not k.startswith(("state_film.", "task_head.waypoint."))}
     assert len(old) < len(tensors)
     save_file(old, tmp_path / "ckpt" / "model.safetensors")
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # written before checkpoints had manifests
     with caplog.at_level("WARNING"):
         loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt").eval()
     assert "state_film.weight" in caplog.text and "task_head.waypoint" in caplog.text

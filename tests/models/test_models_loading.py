@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, LlamaConfig, L
 from vla_ft import constants as C
 from vla_ft.config import ModelConfig
 from vla_ft.errors import CheckpointError, ConfigError
+from vla_ft.integrity import write_manifest
 from vla_ft.models import VLAPolicy, load_tokenizer, load_vla, param_info
 from vla_ft.models.language import LanguageBackbone
 from vla_ft.models.presets import get_preset
@@ -201,6 +202,7 @@ def test_missing_and_unexpected_tensors_are_named(tiny_ckpt, tmp_path):
     tensors.pop("readout")
     tensors["extra.weight"] = torch.zeros(2)
     save_file(tensors, bad / "model.safetensors")
+    write_manifest(bad)  # a consistent checkpoint of another model, not a damaged copy
     with pytest.raises(CheckpointError, match=r"missing: readout.*unexpected: extra\.weight"):
         VLAPolicy.from_pretrained(bad)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import random
@@ -19,7 +20,7 @@ import torch
 
 from vla_ft import constants as K
 from vla_ft.data.dataset import build_datasets
-from vla_ft.errors import ConfigError
+from vla_ft.errors import CheckpointError, ConfigError
 from vla_ft.losses import ActionTaskLoss
 from vla_ft.models import VLAPolicy, load_tokenizer, load_vla, param_info
 from vla_ft.train import checkpoint as ckpt_io
@@ -165,10 +166,15 @@ def test_crash_mid_save_leaves_last_loadable(tiny_cfg):
     def broken_save(path: Path) -> None:
         path.mkdir(parents=True)
         (path / "config.json").write_text("{")
-        raise OSError("disk full (simulated)")
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
 
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoints: disk full while saving step_0000099; a checkpoint needs about [\d.]+ MiB",
+    ) as err:
         ckpt_io.save_checkpoint(run, 99, broken_save, {"step": 99}, {})
+    assert "step_0000004 is intact" in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert (run / "last").resolve() == before
     VLAPolicy.from_pretrained(run / "last")
     state, tensors = ckpt_io.load_training_state(run / "last")

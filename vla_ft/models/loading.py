@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from vla_ft.config import ModelConfig
 from vla_ft.errors import CheckpointError
+from vla_ft.integrity import model_files, verify, write_manifest
 from vla_ft.models.backbone import NativeBackbone
 from vla_ft.models.language import hub_or_dir
 from vla_ft.models.params import apply_freeze, count_parameters
@@ -137,8 +139,10 @@ def build_policy(cfg: ModelConfig, dims: ModelDims, arch: dict[str, Any] | None 
     return policy
 
 
-def save_pretrained(policy: VLAPolicy, out_dir: str | Path) -> Path:
-    """Write config.json, model.safetensors, normalization.json and the tokenizer into ``out_dir``."""
+def save_pretrained(policy: VLAPolicy, out_dir: str | Path, manifest: bool = True) -> Path:
+    """Write config.json, model.safetensors, normalization.json and the tokenizer into ``out_dir``,
+    then (``manifest``) ``manifest.json`` with every file's sha256 (the trainer writes one manifest
+    for the whole checkpoint instead)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -153,6 +157,8 @@ def save_pretrained(policy: VLAPolicy, out_dir: str | Path) -> Path:
         policy.normalizer.save(out / NORM_FILE)
     policy.tokenizer.save_pretrained(str(out))
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    if manifest:
+        write_manifest(out)
     return out
 
 
@@ -166,6 +172,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         )
     if not (path / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{path}: no {WEIGHTS_FILE}; the checkpoint is incomplete, re-save it")
+    verify(path, include=model_files)  # sizes + sha256 against manifest.json, when it has one
     return read_format_json(cfg_file, FORMAT)
 
 
@@ -173,11 +180,22 @@ def read_format_json(file: Path, fmt: str) -> dict[str, Any]:
     """A JSON metadata file whose ``format`` field must be ``fmt`` (one CheckpointError otherwise)."""
     try:
         meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
     if meta.get("format") != fmt:
         raise CheckpointError(f"{file}: format={meta.get('format')!r}, expected {fmt!r}")
     return meta
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or corrupt file is one CheckpointError."""
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{file}: cannot read the weights ({str(exc).splitlines()[0][:120]}): the file is truncated "
+            f"or corrupt; re-copy the checkpoint directory, or choose another checkpoint"
+        ) from None
 
 
 def _shared_groups(policy: VLAPolicy) -> dict[str, set[str]]:
@@ -199,7 +217,7 @@ def load_weights(policy: VLAPolicy, file: Path, skip: tuple[str, ...] = ()) -> l
     Raises:
         CheckpointError: missing, unexpected or mismatched tensors (the first few are named).
     """
-    loaded = load_file(str(file))
+    loaded = read_safetensors(file)
     own = policy.state_dict()
     groups = _shared_groups(policy)
     missing = [n for n in own if n not in loaded and not (groups[n] & loaded.keys())]

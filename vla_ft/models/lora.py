@@ -151,11 +151,13 @@ class LoRAPolicy(VLAPolicy):
         out.set_normalizer(self.normalizer)
         return out
 
-    def save_pretrained(self, out_dir: Any) -> Path:
+    def save_pretrained(self, out_dir: Any, manifest: bool = True) -> Path:
         """Write the merged model in our format, plus ``lora/`` (unmerged state + settings) for resume."""
         from safetensors.torch import save_model
 
-        path = Path(self.merged().save_pretrained(out_dir))
+        from vla_ft.integrity import write_manifest
+
+        path = Path(self.merged().save_pretrained(out_dir, manifest=False))
         lora_dir = path / LORA_DIR
         lora_dir.mkdir(parents=True, exist_ok=True)
         save_model(self, str(lora_dir / LORA_STATE))  # drops duplicate names of tied tensors
@@ -167,6 +169,8 @@ class LoRAPolicy(VLAPolicy):
             "VLAPolicy.from_pretrained); this directory is only needed to resume LoRA training",
         }
         (lora_dir / LORA_META).write_text(json.dumps(meta, indent=1))
+        if manifest:
+            write_manifest(path)
         return path
 
 

@@ -163,11 +163,12 @@ class VLAPolicy(nn.Module):
         """Activation checkpointing in the vision and language backbones."""
         self.backbone.set_gradient_checkpointing(enable)
 
-    def save_pretrained(self, out_dir: Any) -> Any:
-        """Write config.json, model.safetensors, normalization.json and tokenizer files."""
+    def save_pretrained(self, out_dir: Any, manifest: bool = True) -> Any:
+        """Write config.json, model.safetensors, normalization.json and tokenizer files (and
+        ``manifest.json`` with their sha256 unless ``manifest=False``)."""
         from vla_ft.models.loading import save_pretrained
 
-        return save_pretrained(self, out_dir)
+        return save_pretrained(self, out_dir, manifest=manifest)
 
     @classmethod
     def from_pretrained(cls, path: Any, cfg: ModelConfig | None = None, info: Any = None) -> VLAPolicy:

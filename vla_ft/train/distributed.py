@@ -52,6 +52,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # this process created the group (and destroys it)
+    host_group: Any = None  # a gloo group for CPU flags when the main group is NCCL (None: main)
 
     @property
     def enabled(self) -> bool:
@@ -92,6 +93,15 @@ class DistContext:
         out = flag.clone()
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
         return out
+
+    def any_host(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank: a CPU all-reduce over gloo, so
+        it never waits for the GPU (the stop-signal check after every step)."""
+        if not self.enabled:
+            return flag
+        out = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(out.item())
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -141,7 +151,8 @@ def setup_distributed(parallel: str, device_name: str) -> DistContext:
         if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:  # no torchrun: a group of one
             kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         dist.init_process_group(backend, timeout=PG_TIMEOUT, **kwargs)
-    return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    host = dist.new_group(backend="gloo", timeout=PG_TIMEOUT) if dist.get_backend() != "gloo" else None
+    return DistContext(parallel, dist.get_rank(), dist.get_world_size(), local_rank, device, owns, host)
 
 
 def micro_batch_size(batch_size: int, grad_accum: int, world_size: int) -> int:

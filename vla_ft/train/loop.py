@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from vla_ft.config import Config
 from vla_ft.data.sampler import ResumableSampler
-from vla_ft.errors import CheckpointError, VLAFTError
+from vla_ft.errors import PREEMPTED_EXIT, CheckpointError, Preempted, VLAFTError
 from vla_ft.losses import ActionTaskLoss
 from vla_ft.train import checkpoint as ckpt_io
 from vla_ft.train.distributed import (
@@ -27,6 +27,7 @@ from vla_ft.train.distributed import (
 )
 from vla_ft.train.logging import NullLogger, RunLogger
 from vla_ft.train.optim import apply_unfreezing, build_optimizer, build_param_groups, build_scheduler
+from vla_ft.train.preempt import StopRequest
 from vla_ft.train.step import autocast, ema_update, to_device, train_step, validate
 
 
@@ -170,12 +171,13 @@ def fit(
     bad_run = torch.zeros((), device=device)
     bad_peak = torch.zeros((), device=device)
     saved: dict[int, Path] = {}
+    ckpt_bytes = ckpt_io.estimate_checkpoint_bytes(policy, ema is not None)
 
     def write_model(path: Path) -> None:
         if ctx.mode == "fsdp":  # gather the full weights to rank 0's CPU (collective)
             ckpt_io.save_full_model(policy, path, ctx)
         elif ctx.is_main:
-            eval_model().save_pretrained(path)
+            eval_model().save_pretrained(path, manifest=False)  # save_checkpoint writes one for all
 
     def save(tag_best: bool = False) -> Path:
         if step in saved and saved[step].exists():  # already written at this step (e.g. as best)
@@ -199,7 +201,9 @@ def fit(
         }
         raw = policy.state_dict() if ema is not None else None
         sharded = (policy, optimizer) if ctx.enabled else None
-        path = ckpt_io.save_checkpoint(run_dir, step, write_model, state, tensors, raw, ctx, sharded)
+        path = ckpt_io.save_checkpoint(
+            run_dir, step, write_model, state, tensors, raw, ctx, sharded, need_bytes=ckpt_bytes
+        )
         saved[step] = path
         if ctx.is_main:
             if tag_best:
@@ -246,80 +250,98 @@ def fit(
     stopped_early = False
     data_wait = step_time = 0.0
     batches = None
-    while step < tc.steps and not stopped_early:
-        t0 = time.perf_counter()
-        if tc.unfreeze_steps:
-            apply_unfreezing(policy, param_info, step, tc.unfreeze_steps)
-        micro_batches = []
-        for _ in range(tc.grad_accum):
-            if batches is None:
-                sampler.set_position(epoch, pos)
-                batches = iter(make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed))
-            batch = next(batches, None)
-            if batch is None:  # epoch finished
-                epoch, pos, batches = epoch + 1, 0, None
-                sampler.set_position(epoch, pos)
-                batches = iter(make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed))
-                batch = next(batches)
-            pos += micro
-            micro_batches.append(to_device(batch, device))
-        t_data = time.perf_counter() - t0
+    # SIGTERM/SIGINT finish the current step, then save and stop (vla_ft/train/preempt.py)
+    with StopRequest(report=ctx.is_main) as stop:
+        while step < tc.steps and not stopped_early:
+            t0 = time.perf_counter()
+            if tc.unfreeze_steps:
+                apply_unfreezing(policy, param_info, step, tc.unfreeze_steps)
+            micro_batches = []
+            for _ in range(tc.grad_accum):
+                if batches is None:
+                    sampler.set_position(epoch, pos)
+                    batches = iter(
+                        make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
+                    )
+                batch = next(batches, None)
+                if batch is None:  # epoch finished
+                    epoch, pos, batches = epoch + 1, 0, None
+                    sampler.set_position(epoch, pos)
+                    batches = iter(
+                        make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
+                    )
+                    batch = next(batches)
+                pos += micro
+                micro_batches.append(to_device(batch, device))
+            t_data = time.perf_counter() - t0
 
-        metrics, stepped = train_step(
-            model, loss_fn, micro_batches, optimizer, scaler, amp, tc.grad_clip, augment_batch,
-            grad_sync=grad_sync, reduce_flag=ctx.max_flag if ctx.enabled else None,
-        )  # fmt: skip
-        step += 1
-        scheduler.step()  # rewound at the next sync point if this step was skipped (settle)
-        if ema is not None:
-            ema_update(ema, policy, tc.ema, stepped)
-        if count_bad:
-            bad = (~stepped).float()
-            bad_total += bad
-            bad_run.mul_(bad).add_(bad)  # consecutive bad steps: (run + bad) * bad
-            torch.maximum(bad_peak, bad_run, out=bad_peak)
-        data_wait += t_data
-        step_time += time.perf_counter() - t0
+            metrics, stepped = train_step(
+                model, loss_fn, micro_batches, optimizer, scaler, amp, tc.grad_clip, augment_batch,
+                grad_sync=grad_sync, reduce_flag=ctx.max_flag if ctx.enabled else None,
+            )  # fmt: skip
+            step += 1
+            scheduler.step()  # rewound at the next sync point if this step was skipped (settle)
+            if ema is not None:
+                ema_update(ema, policy, tc.ema, stepped)
+            if count_bad:
+                bad = (~stepped).float()
+                bad_total += bad
+                bad_run.mul_(bad).add_(bad)  # consecutive bad steps: (run + bad) * bad
+                torch.maximum(bad_peak, bad_run, out=bad_peak)
+            data_wait += t_data
+            step_time += time.perf_counter() - t0
 
-        due_log = step % cfg.log.every == 0 or step == tc.steps
-        due_val = val_loader is not None and tc.val_every and (step % tc.val_every == 0 or step == tc.steps)
-        due_eval = evaluate_fn is not None and tc.eval_every and step % tc.eval_every == 0
-        due_save = (tc.save_every and step % tc.save_every == 0) or step == tc.steps
-        if due_log or due_val or due_eval or due_save:
-            settle()
+            due_log = step % cfg.log.every == 0 or step == tc.steps
+            due_val = (
+                val_loader is not None and tc.val_every and (step % tc.val_every == 0 or step == tc.steps)
+            )
+            due_eval = evaluate_fn is not None and tc.eval_every and step % tc.eval_every == 0
+            due_save = (tc.save_every and step % tc.save_every == 0) or step == tc.steps
+            if due_log or due_val or due_eval or due_save:
+                settle()
 
-        if due_log:
-            row = {k: float(v) for k, v in ctx.mean(metrics).items()}  # the global batch's means
-            row["lr"] = float(optimizer.param_groups[-1]["lr"])
-            row["samples_per_s"] = cfg.log.every * tc.batch_size / max(step_time, 1e-9)
-            row["data_wait_share"] = data_wait / max(step_time, 1e-9)
-            row["skipped_steps"] = skipped
-            if device.type == "cuda":
-                row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            logger.log(step, "train", row)
-            bar = {"loss": row["loss"], "lr": row["lr"], "gnorm": row["grad_norm"]}
-            bar.update({"smp/s": row["samples_per_s"], "wait": row["data_wait_share"]})
-            if "mem_gb" in row:
-                bar["memGB"] = row["mem_gb"]
-            logger.progress(step, bar)
-            data_wait = step_time = 0.0
+            if due_log:
+                row = {k: float(v) for k, v in ctx.mean(metrics).items()}  # the global batch's means
+                row["lr"] = float(optimizer.param_groups[-1]["lr"])
+                row["samples_per_s"] = cfg.log.every * tc.batch_size / max(step_time, 1e-9)
+                row["data_wait_share"] = data_wait / max(step_time, 1e-9)
+                row["skipped_steps"] = skipped
+                if device.type == "cuda":
+                    row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                logger.log(step, "train", row)
+                bar = {"loss": row["loss"], "lr": row["lr"], "gnorm": row["grad_norm"]}
+                bar.update({"smp/s": row["samples_per_s"], "wait": row["data_wait_share"]})
+                if "mem_gb" in row:
+                    bar["memGB"] = row["mem_gb"]
+                logger.progress(step, bar)
+                data_wait = step_time = 0.0
 
-        if due_val:  # every rank validates (FSDP needs all of them); rank 0's numbers decide
-            val = ctx.broadcast(validate(eval_model(), loss_fn, val_loader, device, amp))
-            logger.log(step, "val", val)
-            history.append({"step": step, "val_loss": val["loss"]})
-            stopped_early |= track("val_loss", val["loss"])
-        if due_eval:
-            ckpt = save() if ctx.mode == "fsdp" else None  # rank 0 evaluates a full copy from disk
-            result = None
-            if ctx.is_main:
-                result = evaluate_fn(_full_model(ckpt, device) if ckpt else eval_model(), step)
-            result = ctx.broadcast(result)
-            logger.log(step, "eval", result)
-            history.append({"step": step, "success_rate": result["success_rate"]})
-            stopped_early |= track("success_rate", result["success_rate"])
-        if due_save or stopped_early:
-            save()
+            if due_val:  # every rank validates (FSDP needs all of them); rank 0's numbers decide
+                val = ctx.broadcast(validate(eval_model(), loss_fn, val_loader, device, amp))
+                logger.log(step, "val", val)
+                history.append({"step": step, "val_loss": val["loss"]})
+                stopped_early |= track("val_loss", val["loss"])
+            if due_eval:
+                ckpt = save() if ctx.mode == "fsdp" else None  # rank 0 evaluates a full copy from disk
+                result = None
+                if ctx.is_main:
+                    result = evaluate_fn(_full_model(ckpt, device) if ckpt else eval_model(), step)
+                result = ctx.broadcast(result)
+                logger.log(step, "eval", result)
+                history.append({"step": step, "success_rate": result["success_rate"]})
+                stopped_early |= track("success_rate", result["success_rate"])
+            if due_save or stopped_early:
+                save()
+            # SIGTERM/SIGINT on any rank: save here, then leave (a finished run just finishes)
+            if step < tc.steps and not stopped_early and stop.requested(ctx):
+                settle()
+                path = save()
+                logger.close()
+                raise Preempted(
+                    f"stopped by {stop.signal.name if stop.signal else 'a signal on another rank'} after "
+                    f"step {step} of {tc.steps}; resumable checkpoint {path}: rerun the same command with "
+                    f"train.resume=auto to continue (exit status {PREEMPTED_EXIT})"
+                )
 
     logger.close()
     if best_step is None and ctx.is_main:  # no metric was ever computed: the last checkpoint is the best
