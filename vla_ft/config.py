@@ -87,7 +87,9 @@ class DataConfig:
     cache_images: Literal["auto", "ram", "lazy"] = "auto"
     cache_budget_gb: float = 4.0  # `auto` caches images in RAM when they fit this budget
     num_workers: int = 0
-    bad_demos: Literal["error", "skip"] = "error"  # NaN/Inf actions: fail, or skip with a warning
+    # NaN/Inf or unreadable data: fail, or skip the demo with a warning (skip also reads every image
+    # chunk at start, so a damaged one cannot stop training later)
+    bad_demos: Literal["error", "skip"] = "error"
     collect_if_missing: bool = False  # run demo collection when data.paths[0] does not exist
     # end-effector position state key for the `waypoint` task term (auto: the first state key named
     # like ee_pos / eef_pos; null: none). The gripper command is the last action dimension.
@@ -674,7 +676,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             valid = list(fields)
-            raise ConfigError(f"unknown config key '{full}': {_suggest(str(key), valid)}")
+            raise ConfigError(f"unknown config key {full!r}: {_suggest(str(key), valid)}")
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
@@ -765,7 +767,7 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 def apply_override(values: dict[str, Any], override: str) -> dict[str, Any]:
     """Apply one ``dotted.key=value`` override (value parsed as YAML) to a config dict."""
     if "=" not in override:
-        raise ConfigError(f"override '{override}' must look like section.key=value (e.g. train.lr=3e-5)")
+        raise ConfigError(f"override {override!r} must look like section.key=value (e.g. train.lr=3e-5)")
     dotted, raw = override.split("=", 1)
     dotted = dotted.strip()
     try:
@@ -789,7 +791,7 @@ def apply_override(values: dict[str, Any], override: str) -> dict[str, Any]:
                 valid = [k for k in _all_keys(Config) if k.count(".") == i and k.startswith(prefix)]
                 close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
                 hint = f"did you mean '{close[0]}'?" if close else _suggest(part, list(hints))
-                raise ConfigError(f"unknown config key '{dotted}': {hint}")
+                raise ConfigError(f"unknown config key {dotted!r}: {hint}")
             break  # inside a free-form mapping (e.g. model.extra.foo)
         cls = hints[part]
         origin = typing.get_origin(cls)

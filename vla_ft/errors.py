@@ -26,6 +26,20 @@ class EnvError(VLAFTError):
     """An environment/task name or argument is wrong."""
 
 
+def worker_message(exc: VLAFTError) -> str:
+    """The user's one line of an error raised in a DataLoader worker.
+
+    The DataLoader re-raises a worker's exception in the main process as the same type, with the
+    worker's whole traceback as its message; the last line of that traceback holds the original
+    message, which is what the user needs."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name = type(exc).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 class Preempted(Exception):  # noqa: N818 (not an error: the run stopped on request and can go on)
     """Training stopped on SIGTERM/SIGINT after writing a resumable checkpoint.
 

@@ -118,7 +118,7 @@ def _nan(n, arrays):
 def test_nan_actions_error_or_skip(tmp_path, write_h5):
     p = write_h5(tmp_path / "nan.hdf5", "ours", mutate=_nan)
     _raises(p, r"demo_1/actions: contains NaN/Inf; fix the file or set data.bad_demos=skip")
-    with pytest.warns(UserWarning, match=r"skipped 2 of 5 demos .*demo_1, demo_4"):
+    with pytest.warns(UserWarning, match=r"skipped 2 of 5 demos .*demo_1/actions: NaN/Inf, demo_4/actions: NaN/Inf"):
         train, val, _ = _build(p, bad_demos="skip", val_fraction=0.0)
     assert sorted(r.name for r in train.refs) == ["demo_0", "demo_2", "demo_3"]
     assert np.isfinite(train.actions).all()
@@ -138,3 +138,27 @@ def test_mixed_image_sizes_need_image_size(tmp_path, write_h5):
         build_trajectory_datasets(DataConfig(paths=[str(a), str(b)]), seed=0)
     train, _, info = build_trajectory_datasets(DataConfig(paths=[str(a), str(b)], image_size=10), seed=0)
     assert train.get_batch([0, len(train) - 1])["observation.images"].shape[-2:] == (10, 10)
+
+
+def _damage_chunk(path, dataset, index):
+    with h5py.File(path, "r") as h5:
+        info = h5[dataset].id.get_chunk_info(index)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 4)
+        fh.write(b"\xa5" * max(16, info.size // 2))
+
+
+def test_damaged_image_chunk_is_an_error_at_start_or_a_skipped_demo(tmp_path, write_h5):
+    path = write_h5(tmp_path / "chunks.hdf5", "ours", lengths=(10, 10, 10), hw=(16, 16))
+    with h5py.File(path, "r+") as h5:  # gzip-chunked per frame, as DemoWriter stores images
+        key = "data/demo_1/obs/wrist_image"
+        frames = h5[key][()]
+        del h5[key]
+        h5.create_dataset(key, data=frames, chunks=(1, 16, 16, 3), compression="gzip")
+    _damage_chunk(path, "data/demo_1/obs/wrist_image", 6)
+    _raises(path, r"demo_1/obs/wrist_image: cannot read.*data.bad_demos=skip", cache_images="ram")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 demos .*demo_1/obs/wrist_image: unreadable"):
+        train, val, info = _build(path, bad_demos="skip", cache_images="lazy", val_fraction=0.0)
+    assert sorted(r.name for r in train.refs) == ["demo_0", "demo_2"] and val is None
+    for i in range(len(train)):  # the damaged demo is gone: every lazy read succeeds
+        train[i]

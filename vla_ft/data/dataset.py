@@ -210,10 +210,11 @@ def _use_cache(cfg: DataConfig, nbytes: int) -> bool:
 
 
 def build_trajectory_datasets(
-    data_cfg: DataConfig, seed: int, tokenizer: Any = None
+    data_cfg: DataConfig, seed: int, tokenizer: Any = None, scans: list[FileScan] | None = None
 ) -> tuple[TrajectoryDataset, TrajectoryDataset | None, DatasetInfo]:
     """Like :func:`build_datasets`, but the tokenizer is optional (no INSTR_* keys without one)."""
-    scans = [scan_file(p, data_cfg) for p in data_cfg.paths]
+    if scans is None:
+        scans = [scan_file(p, data_cfg) for p in data_cfg.paths]
     _check_compatible(scans, data_cfg)
     splits = [split_demos(s, data_cfg, seed, i) for i, s in enumerate(scans)]
     by_name = [{d.name: d for d in s.demos} for s in scans]
@@ -292,7 +293,7 @@ def build_trajectory_datasets(
 
 
 def build_datasets(
-    data_cfg: DataConfig, tokenizer: Any, seed: int
+    data_cfg: DataConfig, tokenizer: Any, seed: int, scans: list[FileScan] | None = None
 ) -> tuple[TrajectoryDataset, TrajectoryDataset | None, DatasetInfo]:
     """Train dataset, validation dataset (None when no demo is held out) and :class:`DatasetInfo`.
 
@@ -300,10 +301,11 @@ def build_datasets(
         data_cfg: the ``data`` config section.
         tokenizer: a Hugging Face tokenizer (called once on the list of distinct instructions).
         seed: drives the random demo split.
+        scans: the files' :func:`scan_file` results when already scanned (one per data path).
 
     Raises:
         DataError: a file is missing, malformed or inconsistent (names file, demo and key).
     """
     if tokenizer is None:
         raise ValueError("build_datasets needs a tokenizer; use build_trajectory_datasets for raw data")
-    return build_trajectory_datasets(data_cfg, seed, tokenizer)
+    return build_trajectory_datasets(data_cfg, seed, tokenizer, scans)

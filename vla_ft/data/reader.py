@@ -69,7 +69,7 @@ class FileScan:
     image_hw: tuple[int, int] | None  # stored (H, W), same for every camera and demo
     demos: list[Demo]
     masks: dict[str, list[str]] = field(default_factory=dict)  # filter key -> demo names
-    skipped: list[str] = field(default_factory=list)  # demos dropped for NaN/Inf (bad_demos=skip)
+    skipped: list[str] = field(default_factory=list)  # demos dropped (bad_demos=skip)
     # LeRobotDataset v3 roots only (vla_ft.data.lerobot): the image decoder and meta/stats.json
     frames: Any = None  # LeRobotFrames; None: images are HDF5 datasets of the file
     stats: dict[str, dict[str, np.ndarray]] | None = None  # {"action"/"state": {stat: (D,)}}
@@ -111,14 +111,25 @@ def open_h5_handle(path: str | Path) -> h5py.File:
         ) from None
 
 
+class UnreadableData(DataError):
+    """A dataset whose stored bytes cannot be read (a truncated file or a damaged chunk)."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where  # the dataset, relative to data/ (demo_3/obs/agentview_image)
+
+
 def read_array(h5: h5py.File, where: str, sel: Any = ()) -> np.ndarray:
     """``h5[where][sel]`` with read failures reported as a DataError naming file and key."""
     try:
         return h5[where][sel]
     except (OSError, RuntimeError):
-        raise DataError(
-            f"{h5.filename}: {where.removeprefix('data/')}: cannot read: truncated or corrupt file; "
-            "re-collect or re-download it"
+        rel = where.removeprefix("data/")
+        raise UnreadableData(
+            f"{h5.filename}: {rel}: cannot read: truncated or corrupt data; re-collect or re-download "
+            "the file (or set data.bad_demos=skip to check every image chunk at start and drop the "
+            "demos that fail)",
+            rel,
         ) from None
 
 
@@ -373,13 +384,23 @@ def _scan(path: str, cfg: DataConfig, where: list[str]) -> FileScan:
             )
         check = _DemoChecker(path, cfg, image_keys, state_keys)
         file_lang = _file_instruction(data)
-        demos, skipped = [], []
+        demos, skipped, reasons = [], [], []
         for name in names:
             where.append(name)
             grp = data[name]
-            actions = check.actions(h5, name)
-            check.images(grp, name, len(actions))
-            state = check.state(h5, name, len(actions))
+            try:
+                actions = check.actions(h5, name)
+                check.images(grp, name, len(actions))
+                state = check.state(h5, name, len(actions))
+                if cfg.bad_demos == "skip":  # every image chunk now, not a failed read mid-training
+                    for key in image_keys:
+                        _read_all(h5, f"data/{name}/obs/{key}")
+            except UnreadableData as exc:
+                if cfg.bad_demos == "error":
+                    raise
+                skipped.append(name)
+                reasons.append(f"{exc.where or name}: unreadable")
+                continue
             if not (np.isfinite(actions).all() and np.isfinite(state).all()):
                 bad = cfg.action_key if not np.isfinite(actions).all() else "obs (state)"
                 if cfg.bad_demos == "error":
@@ -387,19 +408,23 @@ def _scan(path: str, cfg: DataConfig, where: list[str]) -> FileScan:
                         f"{name}/{bad}", "contains NaN/Inf; fix the file or set data.bad_demos=skip"
                     )
                 skipped.append(name)
+                reasons.append(f"{name}/{bad}: NaN/Inf")
                 continue
             instruction = _instruction(grp, file_lang, cfg)
             task = _text(grp.attrs["task"]).strip() if "task" in grp.attrs else instruction
             targets = check.targets(grp, name, len(actions))
             demos.append(Demo(name, actions, state, instruction, task, targets))
         if skipped:
+            more = f" (+{len(reasons) - 10} more)" if len(reasons) > 10 else ""
             warnings.warn(
-                f"{path}: skipped {len(skipped)} of {len(names)} demos with NaN/Inf values "
-                f"(data.bad_demos=skip): {', '.join(skipped[:10])}",
+                f"{path}: skipped {len(skipped)} of {len(names)} demos with NaN/Inf or unreadable data "
+                f"(data.bad_demos=skip): {', '.join(reasons[:10])}{more}",
                 stacklevel=2,
             )
         if not demos:
-            raise DataError(f"{path}: every demo was skipped for NaN/Inf values; nothing left to train on")
+            raise DataError(
+                f"{path}: every demo was skipped (NaN/Inf or unreadable data); nothing left to train on"
+            )
         where.append("mask")
         masks = _read_masks(h5, set(names))
         if skipped:
@@ -408,6 +433,13 @@ def _scan(path: str, cfg: DataConfig, where: list[str]) -> FileScan:
     return FileScan(
         path, layout, tuple(image_keys), tuple(state_keys), state_dims, check.image_hw, demos, masks, skipped
     )
+
+
+def _read_all(h5: h5py.File, where: str, block: int = 64) -> None:
+    """Read (and drop) a whole dataset in blocks of ``block`` frames: finds any damaged chunk."""
+    n = h5[where].shape[0]
+    for lo in range(0, n, block):
+        read_array(h5, where, np.s_[lo : lo + block])
 
 
 def read_frames(h5: h5py.File, demo: str, key: str, frames: np.ndarray) -> np.ndarray:

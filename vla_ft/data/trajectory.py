@@ -222,7 +222,8 @@ class TrajectoryDataset(Dataset):
         except (OSError, RuntimeError):
             raise DataError(
                 f"{self.paths[ref.file]}: {ref.name}/obs/{key}: cannot read frames "
-                f"{lo}..{hi}: truncated or corrupt file; re-collect or re-download it"
+                f"{lo}..{hi}: truncated or corrupt data; re-collect or re-download the file (or set "
+                f"data.bad_demos=skip to check every image chunk at start and drop the demos that fail)"
             ) from None
         return block[frames - lo]
 

@@ -176,6 +176,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return read_format_json(cfg_file, FORMAT)
 
 
+def check_checkpoint(path: Path) -> None:
+    """A checkpoint directory that :func:`from_pretrained` can read: its files present, verified
+    against the manifest, and its config in our format (nothing is built)."""
+    _read_meta(Path(path))
+
+
 def read_format_json(file: Path, fmt: str) -> dict[str, Any]:
     """A JSON metadata file whose ``format`` field must be ``fmt`` (one CheckpointError otherwise)."""
     try:

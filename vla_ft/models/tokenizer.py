@@ -40,7 +40,12 @@ def read_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     # the class named in tokenizer_config.json wins over the model type's default (AutoTokenizer
     # picks by model_type first, e.g. a ByT5 tokenizer saved next to a LLaVA config fails otherwise)
     cfg_file = Path(path) / "tokenizer_config.json"
-    name = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    try:
+        name = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{cfg_file}: not a valid tokenizer config ({exc}); re-save the model"
+        ) from None
     loader = getattr(transformers, name, None) if isinstance(name, str) else None
     loader = loader if loader is not None and hasattr(loader, "from_pretrained") else AutoTokenizer
     try:

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from vla_ft.train import checkpoint as ckpt_io
 from vla_ft.train.distributed import DistContext, micro_batch_size, setup_distributed
 from vla_ft.train.loop import FitResult, fit
 from vla_ft.train.memory import warn_if_out_of_memory
+from vla_ft.train.preflight import Problems, check_env_names, check_output_dir
 from vla_ft.train.step import resolve_precision
 
 SUMMARY_FILE = "summary.json"
@@ -41,30 +43,39 @@ class FinetuneResult:
     wall_s: float
 
 
-def check_config(cfg: Config) -> None:
-    """Cross-section checks that need no data, done before anything loads."""
-    tc = cfg.train
+def config_problems(cfg: Config) -> list[ConfigError]:
+    """Cross-section checks that need no data, done before anything loads (every one that fails)."""
+    tc, found = cfg.train, []
     if tc.best_metric == "success_rate" and not tc.eval_every:
-        raise ConfigError(
+        found.append(
             "train.best_metric=success_rate needs periodic simulation evaluation: set train.eval_every > 0"
         )
     if tc.patience is not None and tc.best_metric == "val_loss" and not tc.val_every:
-        raise ConfigError("train.patience with train.best_metric=val_loss needs train.val_every > 0")
+        found.append("train.patience with train.best_metric=val_loss needs train.val_every > 0")
     if cfg.model.lora.r and tc.unfreeze_steps:
-        raise ConfigError(
+        found.append(
             f"train.unfreeze_steps={tc.unfreeze_steps} with model.lora.r={cfg.model.lora.r}: LoRA trains "
             f"adapters on a frozen backbone, progressive unfreezing would unfreeze it; set train.unfreeze_steps=0"
         )
     if tc.parallel == "fsdp" and cfg.model.lora.r:
-        raise ConfigError(
+        found.append(
             f"model.lora.r={cfg.model.lora.r} with train.parallel=fsdp is not supported (LoRA checkpoints merge "
             f"a full copy of the policy): use train.parallel=ddp, or model.lora.r=0"
         )
     if cfg.data.collect_if_missing and Path(cfg.collect.output) != Path(cfg.data.paths[0]):
-        raise ConfigError(
+        found.append(
             f"data.collect_if_missing collects into collect.output={cfg.collect.output!r}, which is not "
             f"data.paths[0]={cfg.data.paths[0]!r}: make them the same file"
         )
+    return [ConfigError(msg) for msg in found]
+
+
+def check_config(cfg: Config) -> None:
+    """:func:`config_problems`, raised (one problem as it is, several together)."""
+    problems = Problems()
+    for error in config_problems(cfg):
+        problems.add(error)
+    problems.raise_if_any()
 
 
 def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:
@@ -185,7 +196,6 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     config, logs, evaluates, plots and writes the summary (the other ranks return ``eval=None``).
     """
     t_start = time.perf_counter()
-    check_config(cfg)
     ctx = setup_distributed(cfg.train.parallel, cfg.train.device)
     result = _run(cfg, ctx, t_start)  # on an error the process group is left to the exiting process
     ctx.close()
@@ -199,51 +209,128 @@ def _heatmap_count(policy: torch.nn.Module) -> int:
     return int(policy.backbone.vision.keypoints.heatmaps.out_channels)
 
 
+@dataclass
+class Prepared:
+    """What the checks before training resolved: the model source, data and policy."""
+
+    resume_ckpt: Path | None
+    train_ds: Any
+    val_ds: Any
+    info: Any
+    policy: torch.nn.Module
+
+
+def check_source(model_cfg: Any) -> None:
+    """``model.pretrained`` names a readable checkpoint (verified against its manifest), a hub id
+    reachable now, or nothing; ``model.preset`` a known preset when nothing is loaded."""
+    from vla_ft.models.language import hub_or_dir
+    from vla_ft.models.loading import check_checkpoint
+    from vla_ft.models.presets import get_preset
+
+    spec = model_cfg.pretrained
+    if spec is None:
+        get_preset(model_cfg.preset)
+    elif Path(spec).exists() or spec.startswith((".", "/")) or "/" not in spec:
+        check_checkpoint(Path(spec))
+    else:
+        hub_or_dir(spec, "model.pretrained")
+
+
+def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
+    """Resolve and check everything the run names before the first step, reporting every problem
+    at once (vla_ft/train/preflight.py); nothing is written into the run directory yet."""
+    from vla_ft.data.dataset import build_datasets
+    from vla_ft.data.reader import scan_file
+    from vla_ft.models import load_tokenizer, load_vla
+
+    problems = Problems()
+    for error in config_problems(cfg):
+        problems.add(error)
+    with problems.check():
+        micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
+    with problems.check():
+        check_output_dir(cfg.train.out_dir)
+    resume_ckpt = model_cfg = tokenizer = info = policy = train_ds = val_ds = None
+    with problems.check():
+        resume_ckpt = ckpt_io.find_resume_checkpoint(cfg.train.resume, run_dir) if cfg.train.resume else None
+        source = str(resume_ckpt) if resume_ckpt else resolve_pretrained(cfg.model.pretrained)
+        model_cfg = dataclasses.replace(cfg.model, pretrained=source)
+        check_source(model_cfg)
+        tokenizer = load_tokenizer(model_cfg)
+    if cfg.eval.episodes > 0 or cfg.train.eval_every:
+        with problems.check():
+            check_env_names(cfg.env)
+    data_ok = True
+    if ctx.is_main:
+        with problems.check():
+            ensure_data(cfg)
+        data_ok = not problems
+    if not ctx.broadcast(data_ok):
+        problems.raise_if_any()
+        raise DataError("rank 0 could not prepare the data (see its error above)")
+    scans = []
+    for path in cfg.data.paths:
+        with problems.check():
+            scans.append(scan_file(path, cfg.data))
+    if len(scans) == len(cfg.data.paths) and tokenizer is not None:
+        with problems.check():
+            train_ds, val_ds, info = build_datasets(cfg.data, tokenizer, cfg.seed, scans=scans)
+    if info is not None:
+        _label_problems(cfg, info, problems)
+    if info is not None and model_cfg is not None:
+        with problems.check():
+            policy = load_vla(model_cfg, info)
+            heatmaps = _heatmap_count(policy)
+            if cfg.loss.task_terms.get("grounding", 0) > 0 and heatmaps < 2:
+                raise ConfigError(
+                    f"loss.task_terms.grounding needs a backbone with at least 2 spatial-softmax keypoints "
+                    f"(heat map 0 = the named object, 1 = the destination); this model has {heatmaps}: use "
+                    f"the tiny preset or set model.extra.keypoints >= 2, or drop 'grounding' from "
+                    f"loss.task_terms"
+                )
+    if policy is not None:
+        with problems.check():
+            need = ckpt_io.estimate_checkpoint_bytes(policy, bool(cfg.train.ema))
+            check_output_dir(cfg.train.out_dir, need if ctx.is_main else None)
+    problems.raise_if_any()
+    return Prepared(resume_ckpt, train_ds, val_ds, info, policy)
+
+
+def _label_problems(cfg: Config, info: Any, problems: Problems) -> None:
+    """Loss terms whose labels the data does not have."""
+    if cfg.loss.task_terms.get("waypoint", 0) > 0 and info.waypoint_key is None:
+        problems.add(
+            ConfigError(
+                f"loss.task_terms.waypoint needs an end-effector position in the data, but none of the "
+                f"state keys {info.state_keys} is one (data.waypoint_key={cfg.data.waypoint_key!r}); set "
+                f"data.waypoint_key, or drop 'waypoint' from loss.task_terms"
+            )
+        )
+    if cfg.loss.task_terms.get("grounding", 0) > 0 and info.files_without_targets:
+        problems.add(
+            ConfigError(
+                f"loss.task_terms.grounding needs the image positions of the instruction's objects "
+                f"(data/demo_i/targets/<camera>, written by scripts/collect_demos.py), "
+                f"but {', '.join(info.files_without_targets)} has none for cameras {info.image_keys}; "
+                f"re-collect it (delete the file when data.collect_if_missing is on), or drop "
+                f"'grounding' from loss.task_terms"
+            )
+        )
+
+
 def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
     from vla_ft.data.augment import Augmenter
-    from vla_ft.data.dataset import build_datasets
-    from vla_ft.models import count_parameters, load_tokenizer, load_vla, param_info
+    from vla_ft.models import count_parameters, param_info
     from vla_ft.models.lora import apply_lora
 
-    micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)  # fail before loading
     seed_everything(cfg.seed, cfg.train.deterministic, cfg.train.threads)
     device = ctx.device
     precision = resolve_precision(cfg.train.precision, device)
     run_dir = ctx.broadcast(resolve_run_dir(cfg))  # rank 0's (a timestamped name differs per rank)
-    resume_ckpt = ckpt_io.find_resume_checkpoint(cfg.train.resume, run_dir) if cfg.train.resume else None
-    if ctx.is_main:
-        ensure_data(cfg)
-    ctx.barrier()
-
-    source = str(resume_ckpt) if resume_ckpt else resolve_pretrained(cfg.model.pretrained)
-    model_cfg = (
-        cfg.model if source is None else type(cfg.model)(**{**cfg.model.__dict__, "pretrained": source})
-    )
-    tokenizer = load_tokenizer(model_cfg)
-    train_ds, val_ds, info = build_datasets(cfg.data, tokenizer, cfg.seed)
-    if cfg.loss.task_terms.get("waypoint", 0) > 0 and info.waypoint_key is None:
-        raise ConfigError(
-            f"loss.task_terms.waypoint needs an end-effector position in the data, but none of the state "
-            f"keys {info.state_keys} is one (data.waypoint_key={cfg.data.waypoint_key!r}); set "
-            f"data.waypoint_key, or drop 'waypoint' from loss.task_terms"
-        )
-    grounding = cfg.loss.task_terms.get("grounding", 0) > 0
-    if grounding and info.files_without_targets:
-        raise ConfigError(
-            f"loss.task_terms.grounding needs the image positions of the instruction's objects "
-            f"(data/demo_i/targets/<camera>, written by scripts/collect_demos.py since 2026-11-23), but "
-            f"{', '.join(info.files_without_targets)} has none for cameras {info.image_keys}; re-collect "
-            f"it (delete the file when data.collect_if_missing is on), or drop 'grounding' from "
-            f"loss.task_terms"
-        )
-    policy = load_vla(model_cfg, info)
-    if grounding and _heatmap_count(policy) < 2:
-        raise ConfigError(
-            f"loss.task_terms.grounding needs a backbone with at least 2 spatial-softmax keypoints (heat "
-            f"map 0 = the named object, 1 = the destination); this model has {_heatmap_count(policy)}: "
-            f"use the tiny preset or set model.extra.keypoints >= 2, or drop 'grounding' from "
-            f"loss.task_terms"
-        )
+    ready = prepare(cfg, ctx, run_dir)
+    resume_ckpt, train_ds, val_ds, info, policy = (
+        ready.resume_ckpt, ready.train_ds, ready.val_ds, ready.info, ready.policy
+    )  # fmt: skip
     if resume_ckpt is None:
         policy.set_normalizer(info.normalizer)
     policy = apply_lora(policy, cfg.model.lora, resume=resume_ckpt)  # r=0 (full FT): unchanged

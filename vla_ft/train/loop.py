@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from vla_ft.config import Config
 from vla_ft.data.sampler import ResumableSampler
-from vla_ft.errors import PREEMPTED_EXIT, CheckpointError, Preempted, VLAFTError
+from vla_ft.errors import PREEMPTED_EXIT, CheckpointError, Preempted, VLAFTError, worker_message
 from vla_ft.losses import ActionTaskLoss
 from vla_ft.train import checkpoint as ckpt_io
 from vla_ft.train.distributed import (
@@ -257,22 +257,30 @@ def fit(
             if tc.unfreeze_steps:
                 apply_unfreezing(policy, param_info, step, tc.unfreeze_steps)
             micro_batches = []
-            for _ in range(tc.grad_accum):
-                if batches is None:
-                    sampler.set_position(epoch, pos)
-                    batches = iter(
-                        make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
-                    )
-                batch = next(batches, None)
-                if batch is None:  # epoch finished
-                    epoch, pos, batches = epoch + 1, 0, None
-                    sampler.set_position(epoch, pos)
-                    batches = iter(
-                        make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
-                    )
-                    batch = next(batches)
-                pos += micro
-                micro_batches.append(to_device(batch, device))
+            try:
+                for _ in range(tc.grad_accum):
+                    if batches is None:
+                        sampler.set_position(epoch, pos)
+                        batches = iter(
+                            make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
+                        )
+                    batch = next(batches, None)
+                    if batch is None:  # epoch finished
+                        epoch, pos, batches = epoch + 1, 0, None
+                        sampler.set_position(epoch, pos)
+                        batches = iter(
+                            make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
+                        )
+                        batch = next(batches)
+                    pos += micro
+                    micro_batches.append(to_device(batch, device))
+            except VLAFTError as exc:  # data read lazily that turned out unreadable (a damaged chunk)
+                pos -= micro * len(micro_batches)  # the state after the last finished step
+                where = f"training stopped before step {step + 1}"
+                if not ctx.enabled and step > 0:  # one process: keep the progress (a save is collective)
+                    where += f"; the state after step {step} is saved in {save()} (train.resume=auto)"
+                logger.close()
+                raise type(exc)(f"{worker_message(exc)} ({where})") from None
             t_data = time.perf_counter() - t0
 
             metrics, stepped = train_step(

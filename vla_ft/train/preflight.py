@@ -1,0 +1,160 @@
+"""Checks before the first training step, in one pass that reports every problem it finds.
+
+A fine-tuning run names many things: a preset or checkpoint (and its integrity), a tokenizer,
+dataset files and keys, loss terms that need labels in the data, the simulated task it will be
+scored on, an output directory and the disk space for its checkpoints. :class:`Problems` runs the
+checks and collects each :class:`~vla_ft.errors.VLAFTError` instead of stopping at the first, so a
+user fixes their config once, not once per problem. A check that depends on a failed one is skipped
+(a dataset that could not be read has no keys to check the loss terms against).
+
+One problem is raised as it is (its own error type and line); several become a
+:class:`PreflightError` with one line per problem. Nothing is written before the checks pass: the
+run directory does not exist yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vla_ft.config import REPO_ROOT
+from vla_ft.errors import ConfigError, EnvError, VLAFTError
+
+# gymnasium namespaces and the module whose import registers them
+GYM_NAMESPACES = {"Meta-World": "metaworld", "ALE": "ale_py", "MiniGrid": "minigrid", "BabyAI": "minigrid"}
+
+
+class PreflightError(VLAFTError):
+    """Several problems found before training; the message lists each on its own line."""
+
+
+class Problems:
+    """Collects the user errors of several independent checks (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.errors: list[VLAFTError] = []
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        """Run the block; a VLAFTError it raises is recorded and the block is left."""
+        try:
+            yield
+        except VLAFTError as exc:
+            self.errors.append(exc)
+
+    def add(self, error: VLAFTError) -> None:
+        self.errors.append(error)
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+    def raise_if_any(self) -> None:
+        if not self.errors:
+            return
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        lines = "\n".join(f"  {i}. {e}" for i, e in enumerate(self.errors, 1))
+        raise PreflightError(f"{len(self.errors)} problems found before training; fix them all:\n{lines}")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(out_dir: str | Path, need_bytes: int | None = None) -> None:
+    """``train.out_dir`` can be created and written, with room for one checkpoint."""
+    out = Path(out_dir)
+    base = _existing_ancestor(out)
+    if not base.is_dir():
+        raise ConfigError(
+            f"train.out_dir={str(out_dir)!r}: {base} is a file, not a directory; choose another path"
+        )
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"train.out_dir={str(out_dir)!r}: {base} is not writable by this user; choose a writable "
+            f"directory (train.out_dir=...)"
+        )
+    if need_bytes:
+        free = shutil.disk_usage(base).free
+        if free < need_bytes:
+            raise ConfigError(
+                f"train.out_dir={str(out_dir)!r}: {free / 2**20:,.0f} MiB free on its disk but one "
+                f"checkpoint needs about {need_bytes / 2**20:,.0f} MiB; free space or choose another disk"
+            )
+
+
+# Run in a fresh interpreter, as a spawned evaluation worker starts: an id registered in this
+# process by an earlier import (metaworld imported by the user's script, say) is not there.
+_PROBE = """
+import importlib, sys
+import gymnasium as gym
+module, _, env_id = sys.argv[1].rpartition(":")
+try:
+    import envs  # this suite's vla_ft/... ids, registered as in a worker
+except Exception:
+    pass
+if module:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        sys.exit(3)
+try:
+    gym.spec(env_id)
+except Exception as exc:
+    print(str(exc).splitlines()[0])
+    sys.exit(4)
+"""
+
+
+def check_gym_id(gym_id: str) -> None:
+    """A gymnasium id that :func:`gymnasium.make` will find in every evaluation worker (checked in
+    a fresh interpreter, about a second)."""
+    module, _, env_id = gym_id.rpartition(":")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE, gym_id], capture_output=True, text=True, env=env, timeout=300
+    )
+    reason = (probe.stdout.strip().splitlines() or [probe.stderr.strip()[-200:]])[-1]
+    if probe.returncode == 3:
+        raise EnvError(
+            f"env.gym_id={gym_id!r}: module {module!r} cannot be imported ({reason}); install the "
+            f"package that provides it"
+        )
+    if probe.returncode != 0:
+        namespace = env_id.split("/")[0] if "/" in env_id else None
+        if not module and namespace in GYM_NAMESPACES:
+            hint = (
+                f"write env.gym_id={GYM_NAMESPACES[namespace]}:{env_id} so that the module registering "
+                f"the {namespace} namespace is imported first (in every evaluation worker too)"
+            )
+        else:
+            hint = "check the id, or prefix it with the module that registers it (module:Id-v0)"
+        raise EnvError(f"env.gym_id={gym_id!r}: {reason}; {hint}")
+
+
+def check_env_names(env_cfg: Any) -> None:
+    """The task or gymnasium id the run will be scored on exists (the env itself is not built)."""
+    if env_cfg.type == "gym":
+        check_gym_id(env_cfg.gym_id)
+        return
+    from envs.registry import list_tasks
+
+    if env_cfg.task not in list_tasks():
+        import difflib
+
+        close = difflib.get_close_matches(env_cfg.task, list_tasks(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise EnvError(
+            f"env.task={env_cfg.task!r} is not a task of this suite; {hint}valid tasks: "
+            f"{', '.join(list_tasks())} (or env.type=gym with env.gym_id)"
+        )
