@@ -267,7 +267,7 @@ class ModelConfig:
     vision_pretrained: str | None = None  # local weights file/dir for the timm encoder
     language: str | None = None  # transformers model name/dir or config preset (overrides)
     vlm: str | None = None  # HF vision-language model name/dir used as the joint backbone
-    action_head: Literal["continuous", "binned"] = "continuous"
+    action_head: Literal["continuous", "binned", "flow"] = "continuous"  # flow: SmolVLA checkpoints
     n_bins: int = 256
     bin_range: float = 1.0  # binned head: bins cover [-bin_range, bin_range] in normalized units
     bin_decode: Literal["expectation", "argmax"] = "expectation"  # binned head -> continuous action

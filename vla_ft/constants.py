@@ -30,6 +30,9 @@ Outputs (written by ``VLAPolicy.forward``):
     OUT_HEATMAP       float32 (B, K, P, h, w)  keypoint heat-map logits of the current frame per
                                                camera (FiLM backbones with keypoints only)
     OUT_HIDDEN        float32 (B, N, D)        final hidden states (optional)
+    OUT_FLOW_ERR      float32 (B, H, A)        flow head, training: squared error of the predicted
+                                               velocity at the sampled time (OUT_ACTION is then the
+                                               one-step estimate x_t - t * v_t)
 """
 
 IMAGES = "observation.images"
@@ -63,6 +66,7 @@ OUT_PROGRESS = "pred.progress"
 OUT_WAYPOINT = "pred.waypoint"
 OUT_HEATMAP = "pred.heatmap"
 OUT_HIDDEN = "pred.hidden"
+OUT_FLOW_ERR = "pred.flow_error"
 
 # Module names used for parameter-group metadata (discriminative / layer-wise learning rates).
 MODULE_VISION = "vision"

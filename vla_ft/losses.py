@@ -9,7 +9,9 @@ Action terms work in normalized action units (the units the policy predicts in):
 * continuous heads: L1 (default), MSE or Huber over the chunk, masked at padding, optionally
   weighted per action dimension;
 * binned heads: cross-entropy (with label smoothing) over ``n_bins`` uniform bins on
-  ``[bin_low, bin_high]``; targets outside the range fall into the edge bins.
+  ``[bin_low, bin_high]``; targets outside the range fall into the edge bins;
+* flow heads (SmolVLA): the squared error of the predicted velocity at a sampled flow time,
+  averaged over valid (step, dim) entries (the per-dim errors are then of the one-step estimate).
 
 Task terms (a registry): ``task_id`` cross-entropy, ``progress`` regression (MSE), ``waypoint``
 regression (smooth L1 on the next gripper-toggle position relative to the hand, in training-std
@@ -152,7 +154,7 @@ class ActionTaskLoss(nn.Module):
     Args:
         cfg: the loss section of the config.
         action_dim: A, the action dimension (checks ``cfg.dim_weights``).
-        head: ``continuous`` or ``binned`` (the policy's action head).
+        head: ``continuous``, ``binned`` or ``flow`` (the policy's action head).
         n_bins, bin_low, bin_high: binning of normalized actions for the binned head.
         gripper_zero: the normalized value of a zero gripper command, so gripper accuracy compares
             open/close decisions in env units (None: 0.0).
@@ -192,7 +194,9 @@ class ActionTaskLoss(nn.Module):
         target = batch[K.ACTION].float()  # (B, H, A)
         valid = (~batch[K.ACTION_IS_PAD]).float().unsqueeze(-1)  # (B, H, 1)
         pred = outputs[K.OUT_ACTION].float()
-        if self.head == "binned":
+        if self.head == "flow":  # flow matching: the velocity's squared error, LeRobot's reduction
+            loss = _masked_mean(outputs[K.OUT_FLOW_ERR].float(), valid * self.dim_weights)
+        elif self.head == "binned":
             logits = outputs[K.OUT_ACTION_LOGITS].float()  # (B, H, A, NB)
             ids = discretize(target, self.n_bins, self.bin_low, self.bin_high)  # (B, H, A)
             ce = F.cross_entropy(

@@ -313,6 +313,32 @@ def evaluate_damaged_ckpt(b: Base) -> Run:
     return Run(["model.safetensors", "re-copy"], argv=argv, command="evaluate", out=out)
 
 
+SMOLVLA = REPO / "tests" / "fixtures" / "lerobot" / "smolvla_tiny"
+FLOW = {
+    "model.pretrained": str(SMOLVLA),
+    "model.action_head": "flow",
+    "loss.task_terms": "{}",
+    "data.chunk": 8,
+}
+
+
+@case("checkpoint", "a SmolVLA checkpoint with another chunk length than the data's")
+def smolvla_chunk_mismatch(b: Base) -> Run:
+    return Run(["data.chunk=4", "set data.chunk=8"], {**FLOW, "data.chunk": 4})
+
+
+@case("checkpoint", "task loss terms on a SmolVLA checkpoint (it has no task heads)")
+def smolvla_task_terms(b: Base) -> Run:
+    return Run(["loss.task_terms", "progress"], {**FLOW, "loss.task_terms": "{progress: 1.0}"})
+
+
+@case("checkpoint", "a SmolVLA checkpoint whose SmolVLM directory is missing")
+def smolvla_missing_vlm(b: Base) -> Run:
+    path = b.root / "inputs" / "smolvla_no_vlm"
+    shutil.copytree(SMOLVLA, path, ignore=shutil.ignore_patterns("vlm"))
+    return Run(["vlm", "model.vlm"], {**FLOW, "model.pretrained": str(path)})
+
+
 # ------------------------------------------------------------------------------------------- data
 
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from vla_ft.config import ModelConfig
-from vla_ft.errors import CheckpointError
+from vla_ft.errors import CheckpointError, ConfigError
 from vla_ft.integrity import model_files, verify, write_manifest
 from vla_ft.models.backbone import NativeBackbone
 from vla_ft.models.language import hub_or_dir
@@ -122,6 +122,11 @@ def _saved_arch(arch: dict[str, Any], backbone: torch.nn.Module) -> dict[str, An
 
 
 def build_policy(cfg: ModelConfig, dims: ModelDims, arch: dict[str, Any] | None = None) -> VLAPolicy:
+    if cfg.action_head == "flow":
+        raise ConfigError(
+            "model.action_head=flow is the head of SmolVLA checkpoints (model.pretrained=<LeRobot SmolVLA "
+            "directory>); presets and vla-ft checkpoints have continuous or binned heads"
+        )
     """A policy with random (or component-pretrained) weights; all parameters trainable."""
     fresh = arch is None
     arch = resolve_arch(cfg) if fresh else arch
@@ -178,7 +183,14 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def check_checkpoint(path: Path) -> None:
     """A checkpoint directory that :func:`from_pretrained` can read: its files present, verified
-    against the manifest, and its config in our format (nothing is built)."""
+    against the manifest, and its config in our format or LeRobot's SmolVLA (nothing is built)."""
+    from vla_ft.models.smolvla_policy import is_smolvla_dir
+
+    if is_smolvla_dir(path):
+        if not (Path(path) / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{path}: no {WEIGHTS_FILE}; the SmolVLA checkpoint is incomplete")
+        verify(Path(path), include=model_files)
+        return
     _read_meta(Path(path))
 
 
@@ -259,7 +271,11 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
     Raises:
         CheckpointError: missing files, a different action dimension, or tensors that do not match.
     """
+    from vla_ft.models.smolvla_policy import is_smolvla_dir, load_smolvla_policy
+
     path = Path(path)
+    if is_smolvla_dir(path):  # a LeRobot SmolVLA directory (from LeRobot, or saved here)
+        return load_smolvla_policy(path, cfg, info)
     meta = _read_meta(path)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     saved_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})

@@ -70,6 +70,11 @@ def load_tokenizer(model_cfg: Any) -> Any:
     dir when it has one; else the byte-level tokenizer.
     """
     trust = bool(getattr(model_cfg, "trust_remote_code", False))
+    if model_cfg.pretrained is not None and Path(model_cfg.pretrained).is_dir():
+        from vla_ft.models.smolvla_policy import is_smolvla_dir, smolvla_tokenizer
+
+        if is_smolvla_dir(model_cfg.pretrained):  # its SmolVLM tokenizer with LeRobot's text rules
+            return smolvla_tokenizer(model_cfg.pretrained, model_cfg.vlm)
     for source in (model_cfg.pretrained, model_cfg.vlm, model_cfg.language):
         if source is not None and Path(source).is_dir() and has_tokenizer(source):
             return read_tokenizer(source, trust)

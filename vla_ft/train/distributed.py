@@ -37,7 +37,7 @@ from vla_ft.errors import ConfigError
 from vla_ft.train.step import resolve_device
 
 # Same block naming as the parameter depths (vla_ft.models.language): `<...>.layers.<i>` etc.
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+$")
+_BLOCK = re.compile(r"(?:^|\.|_)(?:layers|layer|h|blocks|block)\.\d+$")  # SmolVLA: vlm_layers.3
 # Ranks waiting for rank 0's simulation evaluation or checkpoint write must not time out.
 PG_TIMEOUT = timedelta(minutes=60)
 

@@ -280,6 +280,15 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
     if info is not None and model_cfg is not None:
         with problems.check():
             policy = load_vla(model_cfg, info)
+            heads = getattr(policy, "task_terms_supported", None)  # None: every term (VLAPolicy)
+            extra = [
+                t for t, w in cfg.loss.task_terms.items() if w > 0 and heads is not None and t not in heads
+            ]
+            if extra:
+                raise ConfigError(
+                    f"loss.task_terms {extra}: this model ({type(policy).__name__}) has no heads for them; "
+                    f"set loss.task_terms={{}} (its action loss trains alone)"
+                )
             heatmaps = _heatmap_count(policy)
             if cfg.loss.task_terms.get("grounding", 0) > 0 and heatmaps < 2:
                 raise ConfigError(
@@ -344,7 +353,7 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
             f"[vla-ft] run dir {run_dir} | device {device} ({precision}){parallel} | {info.num_train_demos} "
             f"train / {info.num_val_demos} val demos, {len(train_ds)} samples"
         )
-        if device.type == "cuda":
+        if device.type == "cuda" and policy.arch.get("kind") != "smolvla":  # the planner: ours only
             warn_if_out_of_memory(cfg, policy, info, ctx.world_size, device)
 
     resume = ckpt_io.load_training_state(resume_ckpt, ctx.rank) if resume_ckpt else None
