@@ -1,5 +1,5 @@
-"""The main job on a LeRobot SmolVLA checkpoint: full-parameter fine-tuning, exact resume, and a
-run directory whose checkpoints are LeRobot SmolVLA directories."""
+"""The main job with a flow-matching head: a LeRobot SmolVLA checkpoint (full-parameter fine-tuning,
+exact resume, checkpoints that are LeRobot SmolVLA directories) and our tiny preset with `flow`."""
 
 from __future__ import annotations
 
@@ -46,3 +46,13 @@ def test_smolvla_fine_tunes_resumes_exactly_and_saves_lerobot_checkpoints(tiny_c
     assert sorted(got) == [4, 5, 6]
     for step in (4, 5, 6):  # flow noise and times come from the restored RNG: bit-for-bit
         assert got[step] == expected[step], step
+
+
+def test_a_preset_with_the_flow_head_learns(tiny_cfg):
+    extra = {"train.steps": 60, "train.lr": 2e-3, "train.batch_size": 16, "data.augment.enabled": "false"}
+    extra |= {"model.action_head": "flow", "loss.task_terms": "{task_id: 1.0, progress: 1.0}"}
+    result = run_finetune(tiny_cfg(**extra, **{"train.val_every": 0, "train.save_every": 60}))
+    action = {r["step"]: r["loss/action"] for r in read_metrics(result.run_dir) if r["split"] == "train"}
+    first = sum(action[s] for s in range(1, 11)) / 10
+    last = sum(action[s] for s in range(51, 61)) / 10
+    assert last < 0.8 * first, (first, last)  # the velocity error of the flow head falls

@@ -1,8 +1,9 @@
-"""Action heads (continuous chunk regression, binned action tokens) and the auxiliary task head.
+"""Action heads (continuous chunk regression, binned action tokens, flow matching) and the
+auxiliary task head.
 
 Action heads read the final hidden states of the H learned action-query tokens (decoded in
-parallel, one forward pass per chunk). A new head type (e.g. flow matching) registers in
-``ACTION_HEADS`` with the same ``forward(hidden) -> dict`` contract.
+parallel, one forward pass per chunk). A new head type registers in ``ACTION_HEADS`` with the same
+``forward(hidden) -> dict`` contract (the flow head also takes the target chunk when training).
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vla_ft.constants import OUT_ACTION, OUT_ACTION_LOGITS, OUT_PROGRESS, OUT_TASK_LOGITS, OUT_WAYPOINT
+from vla_ft.constants import (
+    OUT_ACTION,
+    OUT_ACTION_LOGITS,
+    OUT_FLOW_ERR,
+    OUT_PROGRESS,
+    OUT_TASK_LOGITS,
+    OUT_WAYPOINT,
+)
+from vla_ft.models.flow import euler_integrate, noisy_actions, sample_time, time_embedding
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -82,7 +91,57 @@ class BinnedActionHead(nn.Module):
         return {OUT_ACTION_LOGITS: logits, OUT_ACTION: action}
 
 
-ACTION_HEADS: dict[str, type[nn.Module]] = {"continuous": ContinuousActionHead, "binned": BinnedActionHead}
+class FlowActionHead(nn.Module):
+    """Flow matching on each query state: an MLP predicts the velocity ``v(x_t, t | h)`` that moves
+    a noisy chunk toward the data (``vla_ft/models/flow.py``: t = 1 noise, t = 0 data).
+
+    The query state ``h``, the noisy action (linear) and the sine/cosine time embedding (linear) are
+    summed and go through a LayerNorm-MLP. The backbone runs once per chunk; sampling integrates
+    ``num_steps`` Euler steps through this small head only.
+
+    Args:
+        hidden: backbone width D.
+        action_dim: A.
+        num_steps: Euler steps when sampling (``model.extra.num_steps`` overrides at call time).
+    """
+
+    MIN_PERIOD, MAX_PERIOD = 4e-3, 4.0  # SmolVLA's/pi0's time-embedding periods
+
+    def __init__(self, hidden: int, action_dim: int, num_steps: int = 10, **_: object) -> None:
+        super().__init__()
+        self.action_dim, self.num_steps = action_dim, num_steps
+        self.time_dim = 2 * max(1, hidden // 2)
+        self.action_in = nn.Linear(action_dim, hidden)
+        self.time_in = nn.Linear(self.time_dim, hidden)
+        self.mlp = _mlp(hidden, action_dim)
+
+    def velocity(self, h: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, D) states, (B, H, A) noisy chunk, (B,) times -> (B, H, A) velocity."""
+        temb = time_embedding(t, self.time_dim, self.MIN_PERIOD, self.MAX_PERIOD).to(h.dtype)
+        return self.mlp(h + self.action_in(x.to(h.dtype)) + self.time_in(temb)[:, None])
+
+    def forward(
+        self, h: torch.Tensor, actions: torch.Tensor | None = None, num_steps: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Training (``actions`` (B, H, A) given): ``OUT_FLOW_ERR`` the squared velocity error at a
+        time drawn from Beta(1.5, 1) and ``OUT_ACTION`` the one-step estimate ``x_t - t * v``.
+        Inference: ``OUT_ACTION`` integrated from standard normal noise."""
+        if actions is not None:
+            actions = actions.to(h.dtype)
+            t = sample_time(h.shape[0], h.device).to(h.dtype)
+            x_t, u_t = noisy_actions(actions, torch.randn_like(actions), t)
+            v = self.velocity(h, x_t, t)
+            return {OUT_FLOW_ERR: (u_t - v).square(), OUT_ACTION: x_t - t[:, None, None] * v}
+        noise = torch.randn(*h.shape[:2], self.action_dim, device=h.device, dtype=h.dtype)
+        x = euler_integrate(lambda x, t: self.velocity(h, x, t), noise, num_steps or self.num_steps)
+        return {OUT_ACTION: x}
+
+
+ACTION_HEADS: dict[str, type[nn.Module]] = {
+    "continuous": ContinuousActionHead,
+    "binned": BinnedActionHead,
+    "flow": FlowActionHead,
+}
 
 
 class TaskHead(nn.Module):

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from vla_ft.config import ModelConfig
-from vla_ft.errors import CheckpointError, ConfigError
+from vla_ft.errors import CheckpointError
 from vla_ft.integrity import model_files, verify, write_manifest
 from vla_ft.models.backbone import NativeBackbone
 from vla_ft.models.language import hub_or_dir
@@ -122,11 +122,6 @@ def _saved_arch(arch: dict[str, Any], backbone: torch.nn.Module) -> dict[str, An
 
 
 def build_policy(cfg: ModelConfig, dims: ModelDims, arch: dict[str, Any] | None = None) -> VLAPolicy:
-    if cfg.action_head == "flow":
-        raise ConfigError(
-            "model.action_head=flow is the head of SmolVLA checkpoints (model.pretrained=<LeRobot SmolVLA "
-            "directory>); presets and vla-ft checkpoints have continuous or binned heads"
-        )
     """A policy with random (or component-pretrained) weights; all parameters trainable."""
     fresh = arch is None
     arch = resolve_arch(cfg) if fresh else arch

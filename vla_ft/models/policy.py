@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vla_ft.config import ModelConfig
-from vla_ft.constants import IMAGES, INSTR_IDS, INSTR_MASK, OUT_ACTION, OUT_HEATMAP, OUT_HIDDEN, STATE
+from vla_ft.constants import ACTION, IMAGES, INSTR_IDS, INSTR_MASK, OUT_ACTION, OUT_HEATMAP, OUT_HIDDEN, STATE
 from vla_ft.models.heads import ACTION_HEADS, TaskHead
 
 
@@ -152,7 +152,12 @@ class VLAPolicy(nn.Module):
         seq, attn, heat = self._sequence(batch)
         hidden = self.backbone(seq, attn)  # (B, N, D)
         h = self.dims.chunk
-        out = dict(self.action_head(hidden[:, -h - 1 : -1].float()))
+        queries = hidden[:, -h - 1 : -1].float()
+        if self.cfg.action_head == "flow":  # trains on the target chunk when the batch has one
+            steps = self.cfg.extra.get("num_steps")
+            out = dict(self.action_head(queries, batch.get(ACTION), steps))
+        else:
+            out = dict(self.action_head(queries))
         out.update(self.task_head(hidden[:, -1].float()))
         out[OUT_HIDDEN] = hidden
         if heat is not None:

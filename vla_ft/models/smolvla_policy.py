@@ -159,7 +159,7 @@ class SmolVLAPolicy(VLAPolicy):
         inputs = self._model_inputs(batch)
         a = self.dims.action_dim
         if ACTION not in batch:
-            steps = self.cfg.extra.get("num_steps") if isinstance(self.cfg.extra, dict) else None
+            steps = self.cfg.extra.get("num_steps")
             actions = self.backbone.sample_actions(**inputs, num_steps=steps)
             return {OUT_ACTION: actions[..., :a]}
         target = batch[ACTION].float()
