@@ -143,3 +143,29 @@ def test_fsdp_shards_every_transformer_block_not_cnn_stages():
         "backbone.language.model.layers.0",
         "backbone.language.model.layers.1",
     ]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_smolvla_fsdp_shards_its_layers_and_matches_ddp(reach_file, tmp_path, tiny_overrides):
+    """A LeRobot SmolVLA checkpoint under FSDP2 (every VLM and expert layer sharded) takes the same
+    steps as under DDP: each rank draws the same flow noise and times in both (the rank's RNG)."""
+    from vla_ft.models.smolvla_io import load_lerobot_smolvla
+
+    smolvla = {
+        "model.pretrained": str(REPO / "tests" / "fixtures" / "lerobot" / "smolvla_tiny"),
+        "model.action_head": "flow",
+        "loss.task_terms": "{}",
+        "data.chunk": 8,
+        "data.augment.enabled": "false",
+        "train.steps": 4,
+        "train.save_every": 4,
+        "train.val_every": 0,
+        "train.batch_size": 8,
+    }
+    losses = {}
+    for mode in ("ddp", "fsdp"):
+        _torchrun(tiny_overrides(reach_file, tmp_path / mode, **smolvla, **{"train.parallel": mode}))
+        losses[mode] = _losses(tmp_path / mode / "t")
+    _assert_same_losses(losses["fsdp"], losses["ddp"], range(1, 5))
+    load_lerobot_smolvla((tmp_path / "fsdp" / "t" / "last").resolve())  # gathered by rank 0, LeRobot's layout

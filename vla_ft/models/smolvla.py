@@ -208,7 +208,13 @@ class Projections(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: norm -> attention (run by the caller) -> residual; norm -> MLP -> residual."""
+    """Pre-norm decoder block: norm -> attention (run by the caller) -> residual; norm -> MLP -> residual.
+
+    The model calls the methods below rather than ``forward``; FSDP2 unshards a block's parameters
+    around each of them (``FSDP_METHODS``, registered by ``vla_ft.train.distributed.wrap_model``).
+    """
+
+    FSDP_METHODS = ("qkv", "cross_qkv", "finish")
 
     def __init__(self, text_cfg, heads: int, kv_heads: int, head_dim: int, kv_in: int | None = None):
         super().__init__()
@@ -223,6 +229,14 @@ class Block(nn.Module):
         x = self.input_layernorm(h)
         a = self.self_attn
         return a.split_heads(a.q_proj(x)), a.split_heads(a.k_proj(x)), a.split_heads(a.v_proj(x))
+
+    def cross_qkv(self, h: Tensor, vlm_k: Tensor, vlm_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Expert queries from ``h``; keys/values re-projected from a VLM layer's (B, L, KV, D)."""
+        a = self.self_attn
+        q = a.split_heads(a.q_proj(self.input_layernorm(h)))
+        k = a.split_heads(a.k_proj(vlm_k.reshape(*vlm_k.shape[:2], -1)))
+        v = a.split_heads(a.v_proj(vlm_v.reshape(*vlm_v.shape[:2], -1)))
+        return q, k, v
 
     def finish(self, h: Tensor, attended: Tensor) -> Tensor:
         """Output projection + residual, then the MLP + residual. ``attended``: (B, L, H*D)."""
@@ -544,10 +558,7 @@ class SmolVLAModel(nn.Module):
 
         The expert's query positions are re-based to start at 0.
         """
-        a = el.self_attn
-        q = a.split_heads(a.q_proj(el.input_layernorm(suffix)))
-        k = a.split_heads(a.k_proj(vlm_k.reshape(*vlm_k.shape[:2], -1)))
-        v = a.split_heads(a.v_proj(vlm_v.reshape(*vlm_v.shape[:2], -1)))
+        q, k, v = el.cross_qkv(suffix, vlm_k, vlm_v)
         pos = pos - pos.min(dim=1, keepdim=True).values
         return self.attend(self._rot(q, pos), k, v, mask)
 

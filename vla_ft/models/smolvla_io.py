@@ -721,8 +721,11 @@ def save_lerobot_smolvla(
     processor: SmolVLAProcessor,
     out_dir: str | Path,
     vlm_model_name: str | None = None,
+    state: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write ``model`` + ``processor`` as a LeRobot SmolVLA ``pretrained_model`` directory.
+
+    ``state`` replaces ``model.state_dict()`` (the gathered full weights of an FSDP-sharded model).
 
     The SmolVLM directory is copied to ``<out_dir>/vlm``; ``config.json``'s ``vlm_model_name`` and
     the tokenizer step's ``tokenizer_name`` point at its absolute path (or at ``vlm_model_name`` if
@@ -758,7 +761,8 @@ def save_lerobot_smolvla(
         cfg["vlm_model_name"] = vlm_name
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=4))
 
-        tensors = {to_lerobot_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = model.state_dict() if state is None else state
+        tensors = {to_lerobot_key(k): v.detach().cpu().contiguous() for k, v in state.items()}
         for key in LEROBOT_UNUSED_KEYS:
             extra = processor.extra_tensors.get(key)
             if extra is None:  # LeRobot's strict load wants the lm_head; it never reads it

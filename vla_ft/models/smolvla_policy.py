@@ -170,11 +170,18 @@ class SmolVLAPolicy(VLAPolicy):
         estimate = out.x_t - t[:, None, None] * out.v_t.to(out.x_t.dtype)  # one step to t = 0
         return {OUT_FLOW_ERR: out.losses[..., :a], OUT_ACTION: estimate[..., :a]}
 
-    def save_pretrained(self, out_dir: Any, manifest: bool = True) -> Path:
-        """Write a LeRobot SmolVLA directory (our data's features and statistics) plus our side files."""
+    def save_pretrained(
+        self, out_dir: Any, manifest: bool = True, state: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write a LeRobot SmolVLA directory (our data's features and statistics) plus our side files.
+
+        ``state``: the policy's full state dict when its parameters are sharded (FSDP2: gathered
+        on rank 0 by ``vla_ft.train.checkpoint.save_full_model``)."""
         from vla_ft.integrity import write_manifest
 
-        out = save_lerobot_smolvla(self.backbone, _processor_for(self), out_dir)
+        if state is not None:
+            state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        out = save_lerobot_smolvla(self.backbone, _processor_for(self), out_dir, state=state)
         meta = {
             "format": "vla_ft.smolvla",
             "model": dataclasses.asdict(self.cfg),

@@ -219,7 +219,9 @@ def save_full_model(policy: torch.nn.Module, out: Path, ctx) -> None:
     from vla_ft.models.loading import save_pretrained
 
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ctx.is_main:
+    if ctx.is_main and getattr(policy, "arch", {}).get("kind") == "smolvla":  # LeRobot's layout
+        policy.save_pretrained(out, manifest=False, state=full)
+    elif ctx.is_main:
         save_pretrained(_FullState(policy, full), out, manifest=False)
 
 

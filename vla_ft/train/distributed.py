@@ -198,7 +198,13 @@ def wrap_model(policy: nn.Module, ctx: DistContext, precision: str, cpu_offload:
     if ctx.mode != "fsdp":
         return policy
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     if precision == "fp16":
         raise ConfigError(
@@ -215,6 +221,8 @@ def wrap_model(policy: nn.Module, ctx: DistContext, precision: str, cpu_offload:
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for block in transformer_blocks(policy):
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        for method in getattr(block, "FSDP_METHODS", ()):  # blocks used through methods, not forward
+            register_fsdp_forward_method(block, method)
     fully_shard(policy, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return policy
 
