@@ -3,6 +3,7 @@ training reaches every parameter, and a checkpoint saved here is a LeRobot direc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -156,3 +157,22 @@ def test_lerobots_expert_only_setting_is_one_config_line():
         "action_time_mlp_in",
         "action_time_mlp_out",
     }
+
+
+def test_memory_plan_of_a_smolvla_checkpoint_matches_autograds_saved_bytes(ref, tasks):
+    """The planner (meta device: vision tower by the closed form, the rest traced) against the bytes
+    autograd saves in a real fp32 CPU forward of the same checkpoint and batch shape."""
+    from vla_ft.config import load_config
+    from vla_ft.train.memory import plan_config
+    from vla_ft.train.memory_arch import data_dims, saved_bytes
+
+    cfg = load_config("pick_place_smolvla.yaml", ["train.batch_size=1", "data.instruction_max_tokens=48"])
+    dims = dataclasses.replace(data_dims(cfg), image_size=(64, 64), state_dim=4)
+    arch, plan = plan_config(cfg, 1, "fp32", dims)
+    assert arch.params == sum(p.numel() for p in VLAPolicy.from_pretrained(CKPT).parameters())
+    policy = VLAPolicy.from_pretrained(CKPT).train()
+    batch = _our_batch(policy, ref, tasks, with_action=True)
+    batch = {k: v[:1] for k, v in batch.items()}
+    measured, _ = saved_bytes(lambda: policy(batch)[C.OUT_FLOW_ERR], list(policy.parameters()))
+    print(f"planned {plan.activations:.0f} B, measured {measured} B")
+    assert abs(plan.activations - measured) / measured < 0.02, (plan.activations, measured)

@@ -125,7 +125,7 @@ class SmolVLAPolicy(VLAPolicy):
                 f"model.action_head={cfg.action_head!r} with a SmolVLA checkpoint: its head is a flow "
                 f"matching action expert; set model.action_head=flow"
             )
-        self.cfg, self.dims, self.arch = cfg, dims, {"kind": "smolvla"}
+        self.cfg, self.dims, self.arch = cfg, dims, {"kind": "smolvla", "path": str(cfg.pretrained)}
         self.backbone = model
         self.processor = processor
         self.tokenizer = SmolVLATokenizer(processor)

@@ -353,7 +353,7 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
             f"[vla-ft] run dir {run_dir} | device {device} ({precision}){parallel} | {info.num_train_demos} "
             f"train / {info.num_val_demos} val demos, {len(train_ds)} samples"
         )
-        if device.type == "cuda" and policy.arch.get("kind") != "smolvla":  # the planner: ours only
+        if device.type == "cuda":
             warn_if_out_of_memory(cfg, policy, info, ctx.world_size, device)
 
     resume = ckpt_io.load_training_state(resume_ckpt, ctx.rank) if resume_ckpt else None

@@ -208,6 +208,10 @@ def plan_config(
     dims = dims if dims is not None else data_dims(cfg)
     if arch is None:
         policy = meta_policy(cfg, dims)
+    elif arch.get("kind") == "smolvla":
+        from vla_ft.train.memory_arch import smolvla_meta_policy
+
+        policy = smolvla_meta_policy(arch["path"], cfg.model, dims)
     else:
         from vla_ft.models.loading import build_policy
 

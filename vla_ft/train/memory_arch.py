@@ -135,6 +135,8 @@ def describe(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
     from vla_ft.models import param_info
     from vla_ft.train.distributed import transformer_blocks
 
+    if policy.arch.get("kind") == "smolvla":
+        return _describe_smolvla(policy, data_tokens)
     bb, info = policy.backbone, param_info(policy)
     params = {n: p for n, p in policy.named_parameters()}
     views, size = data_tokens["views"], data_tokens["image_size"]
@@ -254,6 +256,85 @@ def describe(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
     )
 
 
+def _describe_smolvla(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
+    """A SmolVLA policy: its whole training forward traced on the meta device, as one unit.
+
+    Exact at fp32 for the traced batch shape (one sample); bf16 is taken as half, plus autocast's
+    weight copies. Activation checkpointing is not modeled (the plan is then an upper bound).
+    """
+    from vla_ft.train.distributed import transformer_blocks
+
+    d = policy.dims
+    h, w = d.image_size
+    batch = {
+        K.IMAGES: torch.zeros(1, 1, len(d.image_keys), 3, h, w, dtype=torch.uint8, device="meta"),
+        K.STATE: torch.zeros(1, 1, d.state_dim, device="meta"),
+        K.INSTR_IDS: torch.zeros(1, data_tokens["instruction"], dtype=torch.long, device="meta"),
+        K.INSTR_MASK: torch.ones(1, data_tokens["instruction"], dtype=torch.long, device="meta"),
+        K.ACTION: torch.zeros(1, d.chunk, d.action_dim, device="meta"),
+        K.ACTION_IS_PAD: torch.zeros(1, d.chunk, dtype=torch.bool, device="meta"),
+    }
+    params = list(policy.parameters())
+    model = policy.backbone
+    # the vision tower by the encoder closed form (transformers' masking reads values, which meta
+    # tensors do not have); the connector onwards traced, fed tower-shaped features
+    vcfg = model.arch.vlm_config.vision_config
+    tower = _stack(vcfg, "encoder")
+    side = model.arch.resize_hw[0] if model.arch.resize_hw else int(vcfg.image_size)
+    patches = (side // int(vcfg.patch_size)) ** 2
+    v_acts = tower.act_bytes(0, False) * patches * tower.layers + 4.0 * (
+        3 * side * side + patches * (tower.hidden + 2)
+    )
+    v_bf16 = tower.act_bytes(0, True) * patches * tower.layers + 4.0 * (
+        3 * side * side + patches * (tower.hidden + 2)
+    )
+    model.embed_image = lambda px: model.connector(
+        torch.zeros(px.shape[0], patches, tower.hidden, device="meta", requires_grad=True)
+    )
+    checkpointing = model.gradient_checkpointing
+    model.gradient_checkpointing = False
+    try:
+        acts, _ = saved_bytes(lambda: policy(batch)[K.OUT_FLOW_ERR], params)
+    finally:
+        del model.embed_image
+        model.gradient_checkpointing = checkpointing
+    trainable = [p for p in params if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    vision = sum(p.numel() for p in model.vision.parameters() if p.requires_grad)
+    cams = len(d.image_keys)
+    img_tokens = patches // int(model.arch.vlm_config.scale_factor) ** 2
+    blocks = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(policy)]
+    rest_mm = _matmul_params(model) - _matmul_params(model.vision)
+    units = [
+        Unit(
+            "smolvla layers (traced)",
+            sum(p.numel() for p in trainable) - vision,
+            rest_mm,
+            acts,
+            acts / 2,
+            acts,
+        ),
+        Unit(
+            "vision tower", vision, _matmul_params(model.vision), v_acts * cams, v_bf16 * cams, v_acts * cams
+        ),
+    ]
+    return Arch(
+        name="smolvla",
+        params=total,
+        tensor_numels=[p.numel() for p in trainable],
+        units=units,
+        tokens={
+            "views": cams,
+            "image_tokens_per_view": img_tokens,
+            "vision_patches_per_view": patches,
+            "sequence": cams * img_tokens + data_tokens["instruction"] + 1 + d.chunk,
+        },
+        root_params=total - sum(blocks),
+        block_params=max(blocks, default=0),
+        largest_tensor=max((p.numel() for p in trainable), default=0),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # From a config: the policy on the meta device
 # --------------------------------------------------------------------------------------------
@@ -285,6 +366,10 @@ def config_arch(cfg: Config) -> dict[str, Any]:
         from vla_ft.train.finetune import resolve_pretrained
 
         meta_file = Path(resolve_pretrained(cfg.model.pretrained)) / "config.json"
+        from vla_ft.models.smolvla_policy import is_smolvla_dir
+
+        if is_smolvla_dir(meta_file.parent):
+            return {"kind": "smolvla", "path": str(meta_file.parent)}
         if not meta_file.is_file():
             raise ConfigError(
                 f"model.pretrained={cfg.model.pretrained!r}: no config.json there to plan from; give a local "
@@ -305,8 +390,36 @@ def meta_policy(cfg: Config, dims: Any) -> nn.Module:
 
     model_cfg = dataclasses.replace(cfg.model, pretrained=None, vision_pretrained=None)
     arch = config_arch(cfg)
+    if arch["kind"] == "smolvla":
+        return smolvla_meta_policy(arch["path"], cfg.model, dims)
     with torch.device("meta"):
         policy = build_policy(model_cfg, dims, arch=arch)
+    policy.train()
+    return policy
+
+
+def smolvla_meta_policy(path: str, model_cfg: Any, dims: Any) -> nn.Module:
+    """A SmolVLA checkpoint's architecture on the meta device (its configs read, no weights)."""
+    from vla_ft.models.smolvla import SmolVLAModel
+    from vla_ft.models.smolvla_io import (
+        _check_config,
+        _load_vlm_config,
+        _read_json,
+        arch_from_lerobot_config,
+        resolve_vlm_dir,
+    )
+    from vla_ft.models.smolvla_policy import SmolVLAPolicy
+
+    ckpt = Path(path)
+    cfg = _check_config(_read_json(ckpt / "config.json", "the SmolVLA config"), ckpt / "config.json")
+    arch = arch_from_lerobot_config(cfg, _load_vlm_config(resolve_vlm_dir(ckpt, cfg, model_cfg.vlm)))
+    with torch.device("meta"):
+        model = SmolVLAModel(arch)
+    dims = dataclasses.replace(dims, chunk=arch.chunk_size, history=1)
+    policy = SmolVLAPolicy(
+        dataclasses.replace(model_cfg, pretrained=path, action_head="flow"), dims, model, None
+    )
+    policy.set_gradient_checkpointing(bool(model_cfg.gradient_checkpointing))
     policy.train()
     return policy
 
