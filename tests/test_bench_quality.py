@@ -124,7 +124,9 @@ def test_a_failing_seed_is_reported_with_its_log_and_exit_1(tmp_path, base, demo
     out = tmp_path / "out"
     proc = _script(tmp_path, broken, demos, "--seeds", "2", "--episodes", "2", "--out", str(out))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "seed 0 failed in train (exit 1)" in proc.stderr and "--- last lines of" in proc.stderr
+    # the damaged base fails the training run's check before its first step: one line, exit 2
+    assert "seed 0 failed in train (exit 2)" in proc.stderr and "--- last lines of" in proc.stderr
+    assert "model.safetensors: 22 bytes but" in proc.stderr
     report = json.loads((out / "quality.json").read_text())
     first, second = report["seeds"]
     assert not report["complete"] and report["failed"] == [0]
