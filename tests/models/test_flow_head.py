@@ -66,3 +66,15 @@ def test_flow_head_round_trips_through_a_checkpoint(tmp_path):
     a = policy(batch)[C.OUT_ACTION]
     torch.manual_seed(1)
     assert torch.equal(a, again(batch)[C.OUT_ACTION])
+
+
+def test_a_continuous_checkpoint_fine_tuned_with_the_flow_head_gets_its_new_tensors(tmp_path, caplog):
+    info = make_info()
+    torch.manual_seed(0)
+    base = build_policy(ModelConfig(preset="tiny"), ModelDims.from_info(info))
+    base.save_pretrained(tmp_path / "base")
+    with caplog.at_level("WARNING"):
+        policy = VLAPolicy.from_pretrained(tmp_path / "base", ModelConfig(action_head="flow"), info)
+    assert isinstance(policy.action_head, FlowActionHead) and "action_head.action_in.weight" in caplog.text
+    for name, value in base.state_dict().items():  # the rest, the MLP trunk included, is loaded
+        assert torch.equal(policy.state_dict()[name], value), name

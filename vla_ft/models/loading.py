@@ -220,8 +220,12 @@ def _shared_groups(policy: VLAPolicy) -> dict[str, set[str]]:
     return {name: group for group in by_ptr.values() for name in group}
 
 
-def load_weights(policy: VLAPolicy, file: Path, skip: tuple[str, ...] = ()) -> list[str]:
-    """Load ``file`` into ``policy``; names starting with a prefix in ``skip`` keep their init.
+def load_weights(
+    policy: VLAPolicy, file: Path, skip: tuple[str, ...] = (), fresh: tuple[str, ...] = ()
+) -> list[str]:
+    """Load ``file`` into ``policy``; names starting with a prefix in ``skip`` keep their init when
+    their shape differs, and those starting with a prefix in ``fresh`` when the file lacks them
+    (another head type: the tensors it shares with the checkpoint's head are loaded).
 
     Returns:
         names of tensors skipped because their shape differs and they are in ``skip``, and of
@@ -234,7 +238,7 @@ def load_weights(policy: VLAPolicy, file: Path, skip: tuple[str, ...] = ()) -> l
     own = policy.state_dict()
     groups = _shared_groups(policy)
     missing = [n for n in own if n not in loaded and not (groups[n] & loaded.keys())]
-    later = [n for n in missing if n.startswith(LATER_TENSORS)]
+    later = [n for n in missing if n.startswith(LATER_TENSORS + fresh)]
     missing = [n for n in missing if n not in later]
     unexpected = [n for n in loaded if n not in own]
     mismatched = [n for n in loaded if n in own and loaded[n].shape != own[n].shape]
@@ -288,7 +292,10 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
             "use a checkpoint trained for this action space (or a preset)"
         )
     policy = build_policy(cfg, dims, arch=meta["arch"])
-    adapted = load_weights(policy, path / WEIGHTS_FILE, skip=ADAPTABLE)
+    # another action head type than the checkpoint's (e.g. flow on a continuous base): the head's
+    # new tensors keep their init, the ones it shares with the saved head (its MLP trunk) load
+    fresh = ("action_head.",) if cfg.action_head != saved_cfg.action_head else ()
+    adapted = load_weights(policy, path / WEIGHTS_FILE, skip=ADAPTABLE, fresh=fresh)
     if adapted:
         log.warning(
             "%s: re-initialized %s (data dims differ from the checkpoint's, or the checkpoint predates "
