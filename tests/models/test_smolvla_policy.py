@@ -176,3 +176,18 @@ def test_memory_plan_of_a_smolvla_checkpoint_matches_autograds_saved_bytes(ref, 
     measured, _ = saved_bytes(lambda: policy(batch)[C.OUT_FLOW_ERR], list(policy.parameters()))
     print(f"planned {plan.activations:.0f} B, measured {measured} B")
     assert abs(plan.activations - measured) / measured < 0.02, (plan.activations, measured)
+
+
+def test_a_newer_lerobots_training_only_fields_are_accepted(tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "newer"
+    shutil.copytree(CKPT, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg |= {"fine_tune_vision_encoder": False, "vision_encoder_lr_multiplier": 0.1, "compile_model": False}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_lerobot_smolvla(ckpt)
+    cfg["attention_dropout_of_the_future"] = 0.1  # an unknown field may change the network: refused
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_lerobot_smolvla(ckpt)

@@ -160,6 +160,16 @@ def _read_safetensors(path: Path, what: str) -> dict[str, Tensor]:
         ) from None
 
 
+# fields later LeRobot versions added that steer training or compilation, not the network: accepted
+# and kept (written back on save), never read
+LATER_TRAINING_FIELDS = {
+    "fine_tune_vision_encoder",
+    "vision_encoder_lr_multiplier",
+    "compile_model",
+    "compile_mode",
+}
+
+
 def _check_config(cfg: dict, path: Path) -> dict:
     """Validate a LeRobot config.json dict; returns it with defaults filled in."""
     kind = cfg.get("type")
@@ -168,7 +178,7 @@ def _check_config(cfg: dict, path: Path) -> dict:
             f'{path}: "type" is {kind!r}, expected "smolvla"; '
             "this reader loads LeRobot SmolVLA checkpoints only"
         )
-    unknown = sorted(set(cfg) - set(LEROBOT_DEFAULTS) - {"type"})
+    unknown = sorted(set(cfg) - set(LEROBOT_DEFAULTS) - LATER_TRAINING_FIELDS - {"type"})
     if unknown:
         raise ConfigError(
             f"{path}: unknown field(s) {unknown} (not in lerobot 0.6.1's SmolVLAConfig); they may change the "
