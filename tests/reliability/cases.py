@@ -639,6 +639,16 @@ def three_problems(b: Base) -> Run:
     return Run(["3 problems", "model.preset", "absent.hdf5", "env.task"], over, lines=4)
 
 
+@case("several", "a wrong preset and a malformed data file are both reported")
+def preset_and_bad_file(b: Base) -> Run:
+    path = mutate_h5(b, "both.hdf5", lambda h5: h5.move("data", "demos"))
+    return Run(
+        ["2 problems", "model.preset", "both.hdf5"],
+        {"model.preset": "tinny", "data.paths": f"[{path}]"},
+        lines=3,
+    )
+
+
 CASE_NAMES = [c.name for c in CASES]
 # cases whose run trains (and so may write a run directory) before failing
 TRAINS = {"disk_full_mid_save", "data_damaged_chunk_lazy", "data_damaged_chunk_worker"}

@@ -261,10 +261,11 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
         with problems.check():
             check_env_names(cfg.env)
     data_ok = True
-    if ctx.is_main:
+    if ctx.is_main:  # collects the demos when missing and allowed (the other ranks wait)
+        before = len(problems.errors)
         with problems.check():
             ensure_data(cfg)
-        data_ok = not problems
+        data_ok = len(problems.errors) == before
     if not ctx.broadcast(data_ok):
         problems.raise_if_any()
         raise DataError("rank 0 could not prepare the data (see its error above)")
