@@ -248,8 +248,10 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
         problems.add(error)
     with problems.check():
         micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
+    before = len(problems.errors)
     with problems.check():
         check_output_dir(cfg.train.out_dir)
+    out_ok = len(problems.errors) == before  # checked again below with the checkpoint's size
     resume_ckpt = model_cfg = tokenizer = info = policy = train_ds = val_ds = None
     with problems.check():
         resume_ckpt = ckpt_io.find_resume_checkpoint(cfg.train.resume, run_dir) if cfg.train.resume else None
@@ -298,7 +300,7 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
                     f"the tiny preset or set model.extra.keypoints >= 2, or drop 'grounding' from "
                     f"loss.task_terms"
                 )
-    if policy is not None:
+    if policy is not None and out_ok:  # room for one checkpoint, now that its size is known
         with problems.check():
             need = ckpt_io.estimate_checkpoint_bytes(policy, bool(cfg.train.ema))
             check_output_dir(cfg.train.out_dir, need if ctx.is_main else None)
