@@ -257,6 +257,7 @@ def fit(
             if tc.unfreeze_steps:
                 apply_unfreezing(policy, param_info, step, tc.unfreeze_steps)
             micro_batches = []
+            position = epoch, pos  # the data position after the last finished step
             try:
                 for _ in range(tc.grad_accum):
                     if batches is None:
@@ -275,7 +276,7 @@ def fit(
                     pos += micro
                     micro_batches.append(to_device(batch, device))
             except VLAFTError as exc:  # data read lazily that turned out unreadable (a damaged chunk)
-                pos -= micro * len(micro_batches)  # the state after the last finished step
+                epoch, pos = position  # unwinds an epoch rollover inside this accumulation too
                 where = f"training stopped before step {step + 1}"
                 if not ctx.enabled and step > 0:  # one process: keep the progress (a save is collective)
                     where += f"; the state after step {step} is saved in {save()} (train.resume=auto)"
