@@ -248,10 +248,8 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
         problems.add(error)
     with problems.check():
         micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
-    before = len(problems.errors)
-    with problems.check():
+    with problems.check() as out_dir:  # checked again below with the checkpoint's size
         check_output_dir(cfg.train.out_dir)
-    out_ok = len(problems.errors) == before  # checked again below with the checkpoint's size
     resume_ckpt = model_cfg = tokenizer = info = policy = train_ds = val_ds = None
     with problems.check():
         resume_ckpt = ckpt_io.find_resume_checkpoint(cfg.train.resume, run_dir) if cfg.train.resume else None
@@ -264,10 +262,9 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
             check_env_names(cfg.env)
     data_ok = True
     if ctx.is_main:  # collects the demos when missing and allowed (the other ranks wait)
-        before = len(problems.errors)
-        with problems.check():
+        with problems.check() as data:
             ensure_data(cfg)
-        data_ok = len(problems.errors) == before
+        data_ok = data.ok
     if not ctx.broadcast(data_ok):
         problems.raise_if_any()
         raise DataError("rank 0 could not prepare the data (see its error above)")
@@ -300,7 +297,7 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
                     f"the tiny preset or set model.extra.keypoints >= 2, or drop 'grounding' from "
                     f"loss.task_terms"
                 )
-    if policy is not None and out_ok:  # room for one checkpoint, now that its size is known
+    if policy is not None and out_dir.ok:  # room for one checkpoint, now that its size is known
         with problems.check():
             need = ckpt_io.estimate_checkpoint_bytes(policy, bool(cfg.train.ema))
             check_output_dir(cfg.train.out_dir, need if ctx.is_main else None)

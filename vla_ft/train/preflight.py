@@ -15,6 +15,7 @@ run directory does not exist yet.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -34,6 +35,13 @@ class PreflightError(VLAFTError):
     """Several problems found before training; the message lists each on its own line."""
 
 
+@dataclasses.dataclass
+class Check:
+    """The outcome of one :meth:`Problems.check` block."""
+
+    ok: bool = True
+
+
 class Problems:
     """Collects the user errors of several independent checks (see module docstring)."""
 
@@ -41,18 +49,18 @@ class Problems:
         self.errors: list[VLAFTError] = []
 
     @contextlib.contextmanager
-    def check(self) -> Iterator[None]:
-        """Run the block; a VLAFTError it raises is recorded and the block is left."""
+    def check(self) -> Iterator[Check]:
+        """Run the block; a VLAFTError it raises is recorded and the block is left. The yielded
+        :class:`Check` says afterwards whether the block passed (``with ... as c: ...; c.ok``)."""
+        outcome = Check()
         try:
-            yield
+            yield outcome
         except VLAFTError as exc:
             self.errors.append(exc)
+            outcome.ok = False
 
     def add(self, error: VLAFTError) -> None:
         self.errors.append(error)
-
-    def __bool__(self) -> bool:
-        return bool(self.errors)
 
     def raise_if_any(self) -> None:
         if not self.errors:
