@@ -154,8 +154,8 @@ def _save_error(exc: OSError, run_dir: Path, final: Path, need_bytes: int | None
         free = shutil.disk_usage(final.parent if final.parent.exists() else run_dir).free
     except OSError:
         free = None
-    sizes = f"; a checkpoint needs about {_human(need)}" if need else ""
-    sizes += f", {_human(free)} free" if free is not None else ""
+    sizes = f"; a checkpoint needs about {human_bytes(need)}" if need else ""
+    sizes += f", {human_bytes(free)} free" if free is not None else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CheckpointError(
             f"{final.parent}: disk full while saving {final.name}{sizes}; free space there or set "
@@ -167,7 +167,8 @@ def _save_error(exc: OSError, run_dir: Path, final: Path, need_bytes: int | None
     )
 
 
-def _human(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
+    """``1536`` -> ``1.5 KiB`` (``?`` for None)."""
     if n is None:
         return "?"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -26,6 +26,7 @@ from typing import Any
 
 from vla_ft.config import REPO_ROOT
 from vla_ft.errors import ConfigError, EnvError, VLAFTError
+from vla_ft.train.checkpoint import human_bytes
 
 # gymnasium namespaces and the module whose import registers them
 GYM_NAMESPACES = {"Meta-World": "metaworld", "ALE": "ale_py", "MiniGrid": "minigrid", "BabyAI": "minigrid"}
@@ -95,8 +96,8 @@ def check_output_dir(out_dir: str | Path, need_bytes: int | None = None) -> None
         free = shutil.disk_usage(base).free
         if free < need_bytes:
             raise ConfigError(
-                f"train.out_dir={str(out_dir)!r}: {free / 2**20:,.0f} MiB free on its disk but one "
-                f"checkpoint needs about {need_bytes / 2**20:,.0f} MiB; free space or choose another disk"
+                f"train.out_dir={str(out_dir)!r}: {human_bytes(free)} free on its disk but one "
+                f"checkpoint needs about {human_bytes(need_bytes)}; free space or choose another disk"
             )
 
 
