@@ -119,18 +119,24 @@ class UnreadableData(DataError):
         self.where = where  # the dataset, relative to data/ (demo_3/obs/agentview_image)
 
 
+def unreadable(path: str | Path, where: str, what: str = "") -> UnreadableData:
+    """The error for stored bytes that cannot be read: file, dataset (``what``, e.g. the frames)
+    and the fix."""
+    rel = where.removeprefix("data/")
+    return UnreadableData(
+        f"{path}: {rel}: cannot read{' ' + what if what else ''}: truncated or corrupt data; re-collect "
+        "or re-download the file (or set data.bad_demos=skip to check every image chunk at start and "
+        "drop the demos that fail)",
+        rel,
+    )
+
+
 def read_array(h5: h5py.File, where: str, sel: Any = ()) -> np.ndarray:
     """``h5[where][sel]`` with read failures reported as a DataError naming file and key."""
     try:
         return h5[where][sel]
     except (OSError, RuntimeError):
-        rel = where.removeprefix("data/")
-        raise UnreadableData(
-            f"{h5.filename}: {rel}: cannot read: truncated or corrupt data; re-collect or re-download "
-            "the file (or set data.bad_demos=skip to check every image chunk at start and drop the "
-            "demos that fail)",
-            rel,
-        ) from None
+        raise unreadable(h5.filename, where) from None
 
 
 def _natural_key(name: str) -> tuple:

@@ -34,7 +34,7 @@ from vla_ft.constants import (
     WAYPOINT,
 )
 from vla_ft.data.normalize import Normalizer
-from vla_ft.data.reader import FileScan, open_h5_handle, read_frames
+from vla_ft.data.reader import FileScan, open_h5_handle, read_frames, unreadable
 from vla_ft.data.sampler import ResumableSampler
 from vla_ft.data.transforms import ObsSpec, obs_to_inputs
 from vla_ft.errors import DataError
@@ -220,11 +220,7 @@ class TrajectoryDataset(Dataset):
         try:
             block = ds[lo : hi + 1]  # (hi-lo+1, H, W, 3)
         except (OSError, RuntimeError):
-            raise DataError(
-                f"{self.paths[ref.file]}: {ref.name}/obs/{key}: cannot read frames "
-                f"{lo}..{hi}: truncated or corrupt data; re-collect or re-download the file (or set "
-                f"data.bad_demos=skip to check every image chunk at start and drop the demos that fail)"
-            ) from None
+            raise unreadable(self.paths[ref.file], f"{ref.name}/obs/{key}", f"frames {lo}..{hi}") from None
         return block[frames - lo]
 
     def close(self) -> None:
