@@ -136,6 +136,63 @@ def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
     assert fast["train"]["lr"] == pytest.approx(3 * cfg.train.lr)
 
 
+def test_bc_cnn_row_trains_the_baseline_with_its_own_recipe(tmp_path, tiny_base):
+    from vla_ft.compare import BC_CNN_RECIPE, DEFAULT_ROWS, ROW_NAMES_HELP
+
+    row = parse_row("bc_cnn")
+    assert (
+        row.kind == "train" and not row.needs_base and not row.from_scratch and row.changes == BC_CNN_RECIPE
+    )
+    assert "bc_cnn" in DEFAULT_ROWS and "bc_cnn" in ROW_NAMES_HELP
+    cfg = load_config(
+        "pick_place.yaml",
+        tiny_overrides(
+            tmp_path, tiny_base, tmp_path / "d.hdf5", **{"train.pretrain_lr": 1e-3, "train.lr_scale": 0.1}
+        ),
+    )
+    shared = shared_config(cfg, tmp_path / "out", steps=30, episodes=5)
+    values = row_config(shared, row, tmp_path / "out", tiny_base)
+    model, train, loss = values["model"], values["train"], values["loss"]
+    # its own architecture from scratch, not the base's (whose preset and knobs the scratch row takes)
+    assert model["preset"] == "bc-cnn" and model["pretrained"] is None and model["extra"] == {}
+    assert model["lora"]["r"] == 0 and model["action_head"] == "continuous"
+    # the baseline's recipe: lr 1e-3 flat (no derived rate, no module multipliers), batch 64, EMA, L1 alone
+    assert train["lr"] == 1e-3 and train["pretrain_lr"] is None and train["lr_scale"] is None
+    assert train["module_lr"] == {} and train["layer_decay"] == 1.0
+    assert (train["batch_size"], train["grad_accum"], train["ema"]) == (64, 1, 0.995)
+    assert loss["action"] == "l1" and loss["task_terms"] == {}
+    # the comparison's budget, data, augmentation and evaluation stay shared
+    assert train["steps"] == 30 and train["warmup_steps"] == 3 and values["eval"]["episodes"] == 5
+    assert values["data"] == {**shared["data"], "collect_if_missing": False}
+    assert values["eval"]["seed"] == shared["eval"]["seed"] and train["run_name"] == "bc_cnn"
+    # no base needed: the same row without one; _lr3 scales its own rate
+    assert row_config(shared, row, tmp_path / "out", None)["model"] == model
+    fast = row_config(shared, parse_row("bc_cnn_lr3"), tmp_path / "out", tiny_base)
+    assert fast["model"] == model and fast["train"]["lr"] == pytest.approx(3e-3)
+
+
+def test_rows_on_a_bc_cnn_base_refuse_what_it_lacks_before_anything_runs(tmp_path):
+    import torch
+
+    from vla_ft.config import ModelConfig
+    from vla_ft.models import load_vla
+
+    torch.manual_seed(0)
+    base = load_vla(ModelConfig(preset="bc-cnn"), _synthetic_info()).save_pretrained(tmp_path / "bc_base")
+    cfg = load_config("pick_place.yaml", tiny_overrides(tmp_path, base, tmp_path / "d.hdf5"))
+    shared = shared_config(cfg, tmp_path / "out", steps=30, episodes=5)
+    assert row_config(shared, parse_row("base"), tmp_path / "out", base)  # evaluating it is fine
+    for name in ("scratch", "full"):  # pick_place.yaml's grounding term
+        with pytest.raises(
+            ConfigError, match=f"row {name}: loss.task_terms.grounding needs keypoint heat maps"
+        ):
+            row_config(shared, parse_row(name), tmp_path / "out", base)
+    shared["loss"]["task_terms"] = {"task_id": 1.0}
+    assert row_config(shared, parse_row("scratch"), tmp_path / "out", base)["model"]["preset"] == "bc-cnn"
+    with pytest.raises(ConfigError, match="row lora_r8: model.lora.r=8 does not apply to a bc-cnn policy"):
+        row_config(shared, parse_row("lora_r8"), tmp_path / "out", base)
+
+
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [

@@ -12,8 +12,8 @@ from vla_ft import constants as C
 from vla_ft.config import ModelConfig
 from vla_ft.models import ModelDims, VLAPolicy, build_policy, count_parameters, list_presets, load_vla
 
-TRAINABLE = ["tiny", pytest.param("small", marks=pytest.mark.slow), "tiny-vlm"]
-TRAINABLE_NAMES = ["tiny", "small", "tiny-vlm"]
+TRAINABLE = ["tiny", pytest.param("small", marks=pytest.mark.slow), "tiny-vlm", "bc-cnn"]
+TRAINABLE_NAMES = ["tiny", "small", "tiny-vlm", "bc-cnn"]
 HEADS = ["continuous", "binned"]
 META_ONLY = {"smolvlm-256m": (220e6, 240e6), "smolvlm-500m": (450e6, 475e6)}  # backbone without LM head
 

@@ -31,10 +31,11 @@ from vla_ft.config import ModelConfig
 from vla_ft.errors import CheckpointError
 from vla_ft.integrity import model_files, verify, write_manifest
 from vla_ft.models.backbone import NativeBackbone
+from vla_ft.models.bc_cnn import build_bc_cnn, resolve_cnn_arch
 from vla_ft.models.language import hub_or_dir
 from vla_ft.models.params import apply_freeze, count_parameters
 from vla_ft.models.policy import ModelDims, VLAPolicy
-from vla_ft.models.presets import get_preset
+from vla_ft.models.presets import PRESETS, get_preset
 from vla_ft.models.tokenizer import byte_tokenizer, check_vocab, has_tokenizer, read_tokenizer
 from vla_ft.models.vlm import VLMBackbone
 
@@ -65,6 +66,8 @@ def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
 def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
     """The architecture to build: preset values with the config's overrides applied."""
     preset = get_preset(cfg.preset)
+    if preset.kind == "cnn":
+        return resolve_cnn_arch(preset.cnn, cfg)
     if cfg.vlm is not None or preset.kind == "vlm":
         vlm: Any = cfg.vlm if cfg.vlm is not None else copy.deepcopy(preset.vlm)
         if isinstance(vlm, dict):
@@ -125,6 +128,10 @@ def build_policy(cfg: ModelConfig, dims: ModelDims, arch: dict[str, Any] | None 
     """A policy with random (or component-pretrained) weights; all parameters trainable."""
     fresh = arch is None
     arch = resolve_arch(cfg) if fresh else arch
+    if arch["kind"] == "cnn":  # no backbone of ours: its own policy class (vla_ft/models/bc_cnn.py)
+        policy = build_bc_cnn(cfg, dims, arch)
+        apply_freeze(policy, cfg.freeze)
+        return policy
     backbone = _build_backbone(arch, cfg, cfg.vision_pretrained if fresh else None)
     source = arch.get("vlm") if arch["kind"] == "vlm" else arch.get("language")
     if isinstance(source, str) and has_tokenizer(source):
@@ -174,6 +181,29 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no {WEIGHTS_FILE}; the checkpoint is incomplete, re-save it")
     verify(path, include=model_files)  # sizes + sha256 against manifest.json, when it has one
     return read_format_json(cfg_file, FORMAT)
+
+
+def architecture_kind(cfg: ModelConfig) -> str | None:
+    """The kind of model ``cfg`` builds or loads, read without building it: the preset's kind
+    (``native``, ``vlm``, ``cnn``) or a local checkpoint's (its ``config.json``; ``smolvla`` for a
+    LeRobot SmolVLA directory). None when only loading can tell (a hub id) or the source is unreadable
+    (the checks that load it report why)."""
+    if cfg.pretrained is None:
+        preset = PRESETS.get(cfg.preset)
+        if preset is None:
+            return None
+        return "vlm" if cfg.vlm is not None and preset.kind == "native" else preset.kind
+    file = Path(cfg.pretrained) / CONFIG_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    if meta.get("type") == "smolvla":
+        return "smolvla"
+    arch = meta.get("arch") if meta.get("format") == FORMAT else None
+    return arch.get("kind") if isinstance(arch, dict) else None
 
 
 def check_checkpoint(path: Path) -> None:

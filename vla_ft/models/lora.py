@@ -219,6 +219,10 @@ def apply_lora(policy: VLAPolicy, cfg: LoraConfig, resume: str | Path | None = N
     meta = _check_resume(cfg, resume)
     if cfg.r == 0:
         return policy
+    if getattr(policy, "arch", {}).get("kind") == "cnn":
+        from vla_ft.models.bc_cnn import lora_problem
+
+        raise ConfigError(lora_problem(cfg.r))
     if isinstance(policy, LoRAPolicy):
         raise ConfigError("apply_lora: this policy already has LoRA adapters")
     peft = _peft()

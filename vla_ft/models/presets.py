@@ -1,8 +1,9 @@
 """Model presets: named architectures built from config (random weights, no download).
 
-A preset is either ``native`` (a timm vision encoder + projector + a transformers language model
-built from a config dict) or ``vlm`` (a Hugging Face vision-language model built from its config
-class, used as the joint vision+language backbone). ``ModelConfig`` fields override preset values.
+A preset is ``native`` (a timm vision encoder + projector + a transformers language model built
+from a config dict), ``vlm`` (a Hugging Face vision-language model built from its config class, used
+as the joint vision+language backbone) or ``cnn`` (a plain CNN behaviour-cloning policy with no
+transformer, the baseline; vla_ft/models/bc_cnn.py). ``ModelConfig`` fields override preset values.
 
 The VLM presets hard-code the published config values of the SmolVLM family (Idefics3 class) so
 that they can be built without network access, e.g. on the meta device for memory planning.
@@ -23,12 +24,14 @@ class Preset:
 
     Attributes:
         name: registry key.
-        kind: ``native`` (timm + transformers LM) or ``vlm`` (one HF vision-language model).
+        kind: ``native`` (timm + transformers LM), ``vlm`` (one HF vision-language model) or ``cnn``
+            (:mod:`vla_ft.models.bc_cnn`: per-camera convs + MLP, no transformer).
         vision: timm model name (native only).
         vision_kwargs: extra ``timm.create_model`` kwargs (e.g. narrower channels).
         pool_grid: CNN feature maps are average-pooled to ``pool_grid x pool_grid`` tokens per image.
         language: transformers config dict with ``model_type`` (native only).
         vlm: transformers config dict with ``model_type`` of a vision-language model (vlm only).
+        cnn: the architecture of a ``cnn`` preset (``bc_cnn.ARCH_KEYS``; ``model.extra`` overrides).
         channels_last: run the CNN in channels-last memory format (~1.5x faster on CPU here).
         keypoints: spatial-softmax keypoints of the last CNN map, added as one token per image.
         film: FiLM-condition every CNN stage on the instruction (native only).
@@ -39,12 +42,13 @@ class Preset:
     """
 
     name: str
-    kind: Literal["native", "vlm"]
+    kind: Literal["native", "vlm", "cnn"]
     vision: str | None = None
     vision_kwargs: dict[str, Any] = field(default_factory=dict)
     pool_grid: int = 2
     language: dict[str, Any] = field(default_factory=dict)
     vlm: dict[str, Any] = field(default_factory=dict)
+    cnn: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True
     keypoints: int = 0
     film: bool = False
@@ -194,6 +198,31 @@ register(
         kind="vlm",
         vlm=_smolvlm(_SMOLLM2_360M),
         description="SmolVLM-500M architecture (Idefics3: SigLIP-B/16-512 + SmolLM2-360M), random weights",
+    )
+)
+
+register(
+    Preset(
+        name="bc-cnn",
+        kind="cnn",
+        # the plain behaviour-cloning baseline (~1.7M parameters at 2 cameras; docs/models.md): per camera
+        # 3x3 conv-ReLU 32-32-64-64 (strides 2-1-2-1: a 20x20 map at 80 px) read out as 32 spatial-softmax
+        # keypoints (-> 64) + the map's mean (64); state -> 64; instruction tokens + positions -> 64,
+        # mean-pooled; concatenated -> MLP 2 x 512 -> the action head per chunk step, the task head
+        cnn={
+            "channels": [32, 32, 64, 64],
+            "strides": [2, 1, 2, 1],
+            "keypoints": 32,
+            "keypoint_features": 64,
+            "text_features": 64,
+            "state_features": 64,
+            "max_tokens": 256,
+            "width": 512,
+            "depth": 2,
+            "vocab_size": 384,  # the byte-level tokenizer's (vla_ft/models/tokenizer.py)
+        },
+        description="~1.7M params: plain CNN behaviour cloning (per-camera convs + spatial softmax, "
+        "mean-pooled instruction embedding, MLP 2x512), no transformer: the baseline to beat",
     )
 )
 

@@ -67,7 +67,20 @@ def config_problems(cfg: Config) -> list[ConfigError]:
             f"data.collect_if_missing collects into collect.output={cfg.collect.output!r}, which is not "
             f"data.paths[0]={cfg.data.paths[0]!r}: make them the same file"
         )
+    if _config_kind(cfg) == "cnn":  # the bc-cnn baseline: options it has no use for
+        from vla_ft.models.bc_cnn import unsupported_options
+
+        found += unsupported_options(cfg, fresh=cfg.model.pretrained is None)
     return [ConfigError(msg) for msg in found]
+
+
+def _config_kind(cfg: Config) -> str | None:
+    """The kind of model the config builds or loads (``vla_ft.models.loading.architecture_kind``)."""
+    from vla_ft.models.loading import architecture_kind
+
+    return architecture_kind(
+        dataclasses.replace(cfg.model, pretrained=resolve_pretrained(cfg.model.pretrained))
+    )
 
 
 def check_config(cfg: Config) -> None:
@@ -279,30 +292,49 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
         _label_problems(cfg, info, problems)
     if info is not None and model_cfg is not None:
         with problems.check():
-            policy = load_vla(model_cfg, info)
-            heads = getattr(policy, "task_terms_supported", None)  # None: every term (VLAPolicy)
-            extra = [
-                t for t, w in cfg.loss.task_terms.items() if w > 0 and heads is not None and t not in heads
-            ]
-            if extra:
-                raise ConfigError(
-                    f"loss.task_terms {extra}: this model ({type(policy).__name__}) has no heads for them; "
-                    f"set loss.task_terms={{}} (its action loss trains alone)"
-                )
-            heatmaps = _heatmap_count(policy)
-            if cfg.loss.task_terms.get("grounding", 0) > 0 and heatmaps < 2:
-                raise ConfigError(
-                    f"loss.task_terms.grounding needs a backbone with at least 2 spatial-softmax keypoints "
-                    f"(heat map 0 = the named object, 1 = the destination); this model has {heatmaps}: use "
-                    f"the tiny preset or set model.extra.keypoints >= 2, or drop 'grounding' from "
-                    f"loss.task_terms"
-                )
+            try:
+                policy = load_vla(model_cfg, info)
+            except ConfigError as exc:  # said already by config_problems (e.g. a bc-cnn option)?
+                if str(exc) not in {str(e) for e in problems.errors}:
+                    raise
+        for error in _policy_problems(cfg, policy) if policy is not None else []:
+            problems.add(error)
     if policy is not None and out_dir.ok:  # room for one checkpoint, now that its size is known
         with problems.check():
             need = ckpt_io.estimate_checkpoint_bytes(policy, bool(cfg.train.ema))
             check_output_dir(cfg.train.out_dir, need if ctx.is_main else None)
     problems.raise_if_any()
     return Prepared(resume_ckpt, train_ds, val_ds, info, policy)
+
+
+def _policy_problems(cfg: Config, policy: torch.nn.Module) -> list[ConfigError]:
+    """Loss terms and options the loaded policy cannot serve (known once it is built)."""
+    if policy.arch.get("kind") == "cnn":  # bc-cnn: config_problems checked it when the kind was
+        if _config_kind(cfg) == "cnn":  # known from the config; else (a hub checkpoint) now
+            return []
+        from vla_ft.models.bc_cnn import unsupported_options
+
+        return [ConfigError(msg) for msg in unsupported_options(cfg, fresh=False)]
+    heads = getattr(policy, "task_terms_supported", None)  # None: every term (VLAPolicy)
+    extra = [t for t, w in cfg.loss.task_terms.items() if w > 0 and heads is not None and t not in heads]
+    if extra:
+        return [
+            ConfigError(
+                f"loss.task_terms {extra}: this model ({type(policy).__name__}) has no heads for them; "
+                f"set loss.task_terms={{}} (its action loss trains alone)"
+            )
+        ]
+    heatmaps = _heatmap_count(policy)
+    if cfg.loss.task_terms.get("grounding", 0) > 0 and heatmaps < 2:
+        return [
+            ConfigError(
+                f"loss.task_terms.grounding needs a backbone with at least 2 spatial-softmax keypoints "
+                f"(heat map 0 = the named object, 1 = the destination); this model has {heatmaps}: use "
+                f"the tiny preset or set model.extra.keypoints >= 2, or drop 'grounding' from "
+                f"loss.task_terms"
+            )
+        ]
+    return []
 
 
 def _label_problems(cfg: Config, info: Any, problems: Problems) -> None:
@@ -406,7 +438,8 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
         final = eval_metrics(evaluation)
         final["successes"] = evaluation.report["overall"]["successes"]
         final["checkpoint"] = best_dir.name
-        print(f"[vla-ft] final evaluation of {best_dir.name} on {cfg.env.task}:\n{summary(evaluation)}")
+        scored = ", ".join(evaluation.report["manifest"]["tasks"])  # env.tasks, else env.task / gym id
+        print(f"[vla-ft] final evaluation of {best_dir.name} on {scored}:\n{summary(evaluation)}")
     eval_s = time.perf_counter() - t_eval
     if cfg.log.plots:
         from vla_ft.train.logging import write_plots

@@ -137,6 +137,8 @@ def describe(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
 
     if policy.arch.get("kind") == "smolvla":
         return _describe_smolvla(policy, data_tokens)
+    if policy.arch.get("kind") == "cnn":
+        return _describe_bc_cnn(policy, data_tokens)
     bb, info = policy.backbone, param_info(policy)
     params = {n: p for n, p in policy.named_parameters()}
     views, size = data_tokens["views"], data_tokens["image_size"]
@@ -252,6 +254,40 @@ def describe(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
         tokens=tokens,
         root_params=total - sum(block_sizes),
         block_params=max(block_sizes, default=0),
+        largest_tensor=max((p.numel() for p in trainable), default=0),
+    )
+
+
+def _describe_bc_cnn(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
+    """A bc-cnn policy (vla_ft/models/bc_cnn.py): its whole training forward traced on the meta
+    device for one sample, as one unit (exact at fp32; bf16 taken as half, plus autocast's weight
+    copies). No transformer blocks: nothing to checkpoint or to shard."""
+    d = policy.dims
+    h, w = d.image_size
+    views = d.history * len(d.image_keys)
+    batch = {
+        K.IMAGES: torch.zeros(1, d.history, len(d.image_keys), 3, h, w, dtype=torch.uint8, device="meta"),
+        K.STATE: torch.zeros(1, d.history, d.state_dim, device="meta"),
+        K.INSTR_IDS: torch.zeros(1, data_tokens["instruction"], dtype=torch.long, device="meta"),
+        K.INSTR_MASK: torch.ones(1, data_tokens["instruction"], dtype=torch.long, device="meta"),
+        K.ACTION: torch.zeros(1, d.chunk, d.action_dim, device="meta"),  # the flow head trains on it
+    }
+    params = list(policy.parameters())
+    acts, _ = saved_bytes(lambda: policy(batch), params)
+    trainable = [p for p in params if p.requires_grad]
+    total = sum(p.numel() for p in params)
+    unit = Unit(
+        "bc-cnn (traced)", sum(p.numel() for p in trainable), _matmul_params(policy), acts, acts / 2, acts
+    )
+    return Arch(
+        name=str(policy.cfg.preset),
+        params=total,
+        tensor_numels=[p.numel() for p in trainable],
+        units=[unit],
+        # one feature vector per view, fused with the state and the instruction into one vector
+        tokens={"views": views, "image_tokens_per_view": 1, "sequence": 1},
+        root_params=total,
+        block_params=0,
         largest_tensor=max((p.numel() for p in trainable), default=0),
     )
 
