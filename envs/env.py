@@ -6,6 +6,10 @@ to the current tool-centre point, clipped to the workspace box; the gripper maps
 -1 (fully open, 5 cm per finger) to +1 (closed). Values outside [-1, 1] are clipped; NaN/Inf raise
 :class:`InvalidActionError`. Control runs at ``control_hz`` (default 20 Hz) with 2 ms physics steps.
 
+``goals`` picks which goals are sampled (``all``; ``seen``: never one of the task's held-out
+combinations; ``held_out``: only those) and ``instructions`` which wordings (``train``: the templates
+demos are collected with; ``paraphrase``: wordings never collected); envs/tasks.py lists both.
+
 Episodes end (``terminated``) on success or on a physics error (MuJoCo's bad-qpos/qvel/qacc
 warnings or a non-finite state: ``info["physics_error"] = True``); they are truncated at
 ``max_steps``.
@@ -21,8 +25,8 @@ import numpy as np
 
 from envs.errors import EnvError, InvalidActionError
 from envs.rendering import MultiCameraRenderer, project
-from envs.scene import LAYOUT_DIM, WORKSPACE_HI, WORKSPACE_LO, Sim, sample_layout
-from envs.tasks import GOAL_DIM, Goal
+from envs.scene import LAYOUT_DIM, WORKSPACE_HI, WORKSPACE_LO, Layout, Sim, sample_layout
+from envs.tasks import GOAL_DIM, GOAL_SETS, INSTRUCTION_SETS, TASKS, Goal
 
 # Written into every collected file (data.attrs["env_args"]). 0.2 (2026-11-23): the hand starts
 # anywhere over the table (envs/scene.py HAND_START_LO/HI); files of 0.1 fan out from the centre.
@@ -39,6 +43,35 @@ _BADQPOS, _BADQVEL, _BADQACC = (
 )
 
 
+def check_goal_options(task: str, goals: str, instructions: str, prefix: str = "") -> tuple[str, str]:
+    """``(goals, instructions)`` if ``task`` can sample them, else one EnvError naming the value and fix.
+
+    ``prefix`` is put before the option names in the message (``env.`` when they come from a config).
+    """
+    if goals not in GOAL_SETS:
+        raise EnvError(f"{prefix}goals={goals!r} is invalid: use one of {', '.join(GOAL_SETS)}")
+    if instructions not in INSTRUCTION_SETS:
+        raise EnvError(
+            f"{prefix}instructions={instructions!r} is invalid: use one of {', '.join(INSTRUCTION_SETS)}"
+        )
+    if goals == "held_out" and not TASKS[task].held_out:
+        with_held_out = ", ".join(name for name, t in TASKS.items() if t.held_out)
+        raise EnvError(
+            f"{prefix}goals='held_out': task '{task}' has no held-out combinations (only {with_held_out} "
+            f"have); use {prefix}goals=all or seen"
+        )
+    return goals, instructions
+
+
+def is_held_out_state(task: str, state: np.ndarray) -> bool:
+    """Whether a ``get_state()`` vector of ``task`` (e.g. a demo's ``states[0]``) holds one of the
+    task's held-out combinations; reads only the goal and the colors (no sim is built)."""
+    state = np.asarray(state, dtype=np.float64)
+    goal = Goal.from_vector(state[:GOAL_DIM])
+    layout = Layout.from_vector(state[GOAL_DIM : GOAL_DIM + LAYOUT_DIM])
+    return TASKS[task].is_held_out(layout, goal)
+
+
 class TabletopEnv(gym.Env):
     """Language-conditioned tabletop manipulation (see module docstring for the action space).
 
@@ -50,6 +83,9 @@ class TabletopEnv(gym.Env):
         render: render camera images into observations (False: proprio only, much faster).
         control_hz: control frequency; physics substeps = 1 / (control_hz * 0.002).
         action_scale: metres moved per unit of the xyz action per control step.
+        goals: ``all`` | ``seen`` (no held-out combination) | ``held_out`` (only those); tasks without
+            held-out combinations accept ``all`` and ``seen`` (the same goals).
+        instructions: ``train`` (the task's templates) | ``paraphrase`` (its paraphrases).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -64,10 +100,13 @@ class TabletopEnv(gym.Env):
         control_hz: float = 20.0,
         action_scale: float = 0.02,
         render_mode: str | None = None,
+        goals: str = "all",
+        instructions: str = "train",
     ) -> None:
         from envs.registry import get_task
 
         self.task = get_task(task)
+        self.goals, self.instructions = check_goal_options(self.task.name, goals, instructions)
         self.cameras = tuple(cameras)
         bad = [c for c in self.cameras if c not in VALID_CAMERAS]
         if bad or not self.cameras and render:
@@ -109,9 +148,9 @@ class TabletopEnv(gym.Env):
         if options and options.get("state") is not None:
             self.reset_to(options["state"])
         else:
-            while True:  # tasks may reject a layout (push needs a clear corridor)
+            while True:  # tasks may reject a layout (push: no clear corridor; no goal of the set)
                 layout = sample_layout(self.np_random)
-                goal = self.task.sample_goal(layout, self.np_random)
+                goal = self.task.sample(layout, self.np_random, self.goals, self.instructions)
                 if goal is not None:
                     break
             self.sim.apply_layout(layout)
@@ -124,8 +163,14 @@ class TabletopEnv(gym.Env):
         expected = GOAL_DIM + self.sim.state_dim
         if state.shape != (expected,):
             raise EnvError(f"state has shape {state.shape}; this env's get_state() gives ({expected},)")
+        goal = Goal.from_vector(state[:GOAL_DIM])
+        if not 0 <= goal.template < len(self.task.wordings):
+            raise EnvError(
+                f"state's wording index {goal.template} is out of range: task '{self.task.name}' has "
+                f"{len(self.task.wordings)} wordings (was the state recorded by another task?)"
+            )
         self.sim.set_state(state[GOAL_DIM:])
-        self._set_goal(Goal.from_vector(state[:GOAL_DIM]))
+        self._set_goal(goal)
         return self._obs(), self._info(False, False)
 
     def get_state(self) -> np.ndarray:
@@ -235,6 +280,8 @@ class TabletopEnv(gym.Env):
                 "max_steps": self.max_steps,
                 "control_hz": self.control_hz,
                 "action_scale": self.action_scale,
+                "goals": self.goals,
+                "instructions": self.instructions,
             },
             "state_dim": GOAL_DIM + LAYOUT_DIM + self.sim.state_size,
         }

@@ -1,8 +1,10 @@
 """Tasks on the shared tabletop scene: goal sampler, instruction templates, success predicate.
 
 A goal is four integers ``(src, dst, aux, template)``: slot indices into ``scene.SLOTS`` (``dst``
-is -1 when unused), a task-specific extra (push direction) and the template index. Goals are part of
-the env state vector, so a stored state restores the instruction too.
+is -1 when unused), a task-specific extra (push direction) and the wording index into
+``task.wordings`` = ``templates + paraphrases`` (the training templates first, so every index
+stored before paraphrases existed means the same). Goals are part of the env state vector, so a
+stored state restores the instruction too, a paraphrased one included.
 
 | task       | instruction (example)                       | success                                  |
 |------------|---------------------------------------------|------------------------------------------|
@@ -12,15 +14,38 @@ the env state vector, so a stored state restores the instruction too.
 | lift       | pick up the yellow cube                     | object centre above 10 cm, held           |
 | push       | push the blue cube to the left              | cube moved >= 8 cm that way (image left) |
 | stack      | stack the red cube on the green cube        | cube resting on the other, released       |
+
+Generalization (the env's ``goals`` and ``instructions`` options; docs/envs.md):
+
+* **Held-out combinations**: (named color, destination color) pairs a config can keep out of its
+  demos (``collect.goals: seen``) and evaluate alone (``env.goals: held_out``). Each color is the
+  named object of exactly one held-out pair and the destination of exactly one (a Latin-square
+  diagonal of the 4 x 4 color table), so every color is seen in both roles in training and only its
+  pairing is new. With the colors in ``COLOR_NAMES`` order red, green, blue, yellow:
+
+  | task              | held-out (named color / destination color)      | pairs  | of goals=all |
+  |-------------------|-------------------------------------------------|--------|--------------|
+  | pick_place        | cube / bowl of the next color: red/green,       | 4 of 16| 1/4          |
+  |                   | green/blue, blue/yellow, yellow/red             |        |              |
+  | stack             | cube / cube of the previous color: red/yellow,  | 4 of 12| 1/3          |
+  |                   | green/red, blue/green, yellow/blue              |        |              |
+  | reach, lift, push | none: one named object, no combination          | 0      | 0            |
+
+  The stack pairs run the other way round the color cycle, so no ordered color pair is held out of
+  both tasks: a policy trained on both sees every (named, destination) color pair somewhere. Every
+  layout admits both a seen and a held-out goal (3 cube colors of 4, distinct bowl colors), so the
+  goal is redrawn from the same generator on the same layout.
+* **Paraphrases**: 3-4 wordings per task (``paraphrases``) whose verbs and phrasing appear in no
+  training template of the task (``instructions: paraphrase``); collection never samples them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from envs.scene import BOWL_INNER_HALF, BOWLS, CUBES, MOVABLE, RADIUS, SLOTS, Layout, Sim
+from envs.scene import BOWL_INNER_HALF, BOWLS, COLOR_NAMES, CUBES, MOVABLE, RADIUS, SLOTS, Layout, Sim
 
 GOAL_DIM = 4
 PUSH_DIRS = {0: ("left", -1.0), 1: ("right", 1.0)}  # image left = world -y (camera at +x)
@@ -28,6 +53,18 @@ PUSH_DIST = 0.08  # displacement needed for push success (m)
 HELD_Z = 0.045  # an object counts as held when a finger touches it and its centre is above this (m);
 # cubes and the cylinder rest with their centre at 0.025, so this is 2 cm off the table
 NEAR_DIST = 0.05  # reach's "near" event: the hand within 5 cm of the target (success needs 2.5 cm)
+GOAL_SETS = ("all", "seen", "held_out")  # the env's `goals` option
+INSTRUCTION_SETS = ("train", "paraphrase")  # the env's `instructions` option
+# Goal draws on one layout before the layout is redrawn (goals: seen / held_out). A pick_place or
+# stack layout always admits both kinds (at least 1 of 6 goals), so 100 misses are ~1e-8 likely.
+GOAL_TRIES = 100
+
+
+def color_cycle(shift: int) -> frozenset[tuple[str, str]]:
+    """(color, the color ``shift`` places further in COLOR_NAMES, cyclically) for every color: a
+    Latin-square diagonal, each color once in each role."""
+    n = len(COLOR_NAMES)
+    return frozenset((COLOR_NAMES[i], COLOR_NAMES[(i + shift) % n]) for i in range(n))
 
 
 def held(sim: Sim, slot: str) -> bool:
@@ -60,22 +97,67 @@ class Goal:
 
 
 class Task:
-    """Base class: subclasses set ``name``, ``max_steps``, ``templates`` and implement the hooks."""
+    """Base class: subclasses set ``name``, ``max_steps``, ``templates``, ``paraphrases`` (and
+    ``held_out`` where the goal names two colors) and implement the hooks."""
 
     name: str = ""
     max_steps: int = 150
-    templates: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()  # the wordings demos are collected with
+    paraphrases: tuple[str, ...] = ()  # wordings never collected (evaluation with instructions=paraphrase)
+    held_out: frozenset[tuple[str, str]] = frozenset()  # (named color, destination color) pairs
+
+    @property
+    def wordings(self) -> tuple[str, ...]:
+        """Every wording; ``Goal.template`` indexes this (training templates first)."""
+        return self.templates + self.paraphrases
 
     def sample_goal(self, layout: Layout, rng: np.random.Generator) -> Goal | None:
         """A goal for ``layout``, or None when the layout does not admit one (resample)."""
         raise NotImplementedError
 
+    def sample(
+        self, layout: Layout, rng: np.random.Generator, goals: str = "all", instructions: str = "train"
+    ) -> Goal | None:
+        """A goal from the ``goals`` set worded from the ``instructions`` set, or None (new layout).
+
+        ``goals="all"`` and ``instructions="train"`` draw exactly what ``sample_goal`` draws, so seeds
+        give the episodes they gave before these options existed. Other goal sets redraw the goal from
+        the same ``rng`` until it is in the set (the first draw stands when it already is). A
+        paraphrase is one more draw after the goal, so an episode's layout and goal are those of
+        ``instructions="train"`` with the same seed: only the wording differs.
+        """
+        for _ in range(1 if goals == "all" else GOAL_TRIES):
+            goal = self.sample_goal(layout, rng)
+            if goal is None:
+                return None
+            if self.in_goal_set(layout, goal, goals):
+                break
+        else:
+            return None
+        if instructions == "paraphrase":
+            goal = replace(goal, template=len(self.templates) + int(rng.integers(len(self.paraphrases))))
+        return goal
+
+    def combination(self, layout: Layout, goal: Goal) -> tuple[str, str] | None:
+        """The goal's (named color, destination color), or None when it names no destination."""
+        if goal.dst < 0:
+            return None
+        return layout.color_of(goal.src_slot), layout.color_of(goal.dst_slot)
+
+    def is_held_out(self, layout: Layout, goal: Goal) -> bool:
+        """Whether the goal is one of the task's held-out combinations."""
+        return bool(self.held_out) and self.combination(layout, goal) in self.held_out
+
+    def in_goal_set(self, layout: Layout, goal: Goal, goals: str) -> bool:
+        """Whether ``goal`` belongs to the ``goals`` set (all / seen / held_out)."""
+        if goals == "all":
+            return True
+        return self.is_held_out(layout, goal) == (goals == "held_out")
+
     def instruction(self, layout: Layout, goal: Goal) -> str:
         dst = layout.describe(goal.dst_slot) if goal.dst >= 0 else ""
         direction = PUSH_DIRS.get(goal.aux, ("", 0))[0]
-        return self.templates[goal.template].format(
-            src=layout.describe(goal.src_slot), dst=dst, dir=direction
-        )
+        return self.wordings[goal.template].format(src=layout.describe(goal.src_slot), dst=dst, dir=direction)
 
     def success(self, sim: Sim, layout: Layout, goal: Goal) -> bool:
         raise NotImplementedError
@@ -111,6 +193,13 @@ class PickPlace(Task):
         "place the {src} into the {dst}",
         "pick up the {src} and put it in the {dst}",
     )
+    paraphrases = (
+        "drop the {src} into the {dst}",
+        "get the {src} and set it in the {dst}",
+        "the {src} goes in the {dst}",
+        "transfer the {src} to the {dst}",
+    )
+    held_out = color_cycle(1)  # red cube -> green bowl, green -> blue, blue -> yellow, yellow -> red
 
     def sample_goal(self, layout, rng):
         return Goal(_pick(rng, CUBES), _pick(rng, BOWLS), 0, self._template(rng))
@@ -133,6 +222,7 @@ class Reach(Task):
     name = "reach"
     max_steps = 80
     templates = ("move the gripper above the {src}", "reach for the {src}", "go to the {src}")
+    paraphrases = ("hover over the {src}", "bring the hand over the {src}", "approach the {src}")
     offset = np.array([0.0, 0.0, 0.06])
 
     def sample_goal(self, layout, rng):
@@ -154,6 +244,7 @@ class Lift(Task):
     name = "lift"
     max_steps = 100
     templates = ("pick up the {src}", "lift the {src}", "raise the {src} off the table")
+    paraphrases = ("grab the {src} and hold it up", "hold the {src} up in the air", "get the {src} up high")
 
     def sample_goal(self, layout, rng):
         return Goal(_pick(rng, MOVABLE), -1, 0, self._template(rng))
@@ -166,6 +257,11 @@ class Push(Task):
     name = "push"
     max_steps = 120
     templates = ("push the {src} to the {dir}", "slide the {src} {dir}", "nudge the {src} to the {dir}")
+    paraphrases = (
+        "shove the {src} to the {dir}",
+        "the {src} has to go {dir}",
+        "bump the {src} toward the {dir}",
+    )
 
     def sample_goal(self, layout, rng):
         options = [
@@ -213,6 +309,12 @@ class Stack(Task):
         "put the {src} on top of the {dst}",
         "place the {src} on the {dst}",
     )
+    paraphrases = (
+        "set the {src} atop the {dst}",
+        "the {src} goes on the {dst}",
+        "pile the {src} onto the {dst}",
+    )
+    held_out = color_cycle(-1)  # red on yellow, green on red, blue on green, yellow on blue
 
     def sample_goal(self, layout, rng):
         src, dst = rng.choice(len(CUBES), size=2, replace=False)

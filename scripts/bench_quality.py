@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Thin entry point: `python scripts/bench_quality.py --cfg NAME [key=value ...] [--seeds 3] [--episodes 300]
-[--eval-seed 200000] [--out DIR] [--target-mean PCT] [--target-min PCT]` (see `--help`): the config's main
-job trained once per training seed, each run scored on fresh episodes."""
+[--eval-seed 200000] [--out DIR] [--target-mean PCT] [--target-min PCT] [--generalization
+[--target-heldout PCT] [--target-paraphrase PCT]]` (see `--help`): the config's main job trained once per
+training seed, each run scored on fresh episodes (and on held-out goal combinations and paraphrases)."""
 
 import sys
 from pathlib import Path

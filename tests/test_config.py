@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -77,11 +78,102 @@ def test_unknown_section_is_an_error():
         ("train.module_lr={visoin: 0.1}", r"vision, language"),
         ("collect.post_success_steps=-1", r"collect\.post_success_steps=-1.*use 0 or more"),
         ("loss.task_terms={groundng: 1.0}", r"task_id, progress, waypoint, grounding"),
+        ("env.goals=unseen", r"env\.goals: unknown value 'unseen'.*all, seen, held_out"),
+        ("env.instructions=paraphrases", r"env\.instructions: .*did you mean 'paraphrase'"),
+        ("collect.goals=held_out", r"collect\.goals: unknown value 'held_out'.*choose one of all, seen$"),
+        ("env.tasks=[reach, push, reach]", r"env\.tasks=\[.*\] is invalid: name each task once \('reach'"),
+        ("env.tasks=reach", r"env\.tasks: expected list of str"),
     ],
 )
 def test_bad_values_are_one_clear_error(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config("pick_place.yaml", [override])
+
+
+def test_goal_and_instruction_sets_are_for_this_suite_only():
+    gym = ["env.type=gym", "env.gym_id=CartPole-v1"]
+    assert load_config("pick_place.yaml", gym).env.goals == "all"  # the defaults are fine
+    message = (
+        r"^env\.goals='seen' and env\.instructions='paraphrase' select .*env\.type=gym \(CartPole-v1\)"
+        r".*use env\.goals=all and env\.instructions=train"
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_config("pick_place.yaml", [*gym, "env.goals=seen", "env.instructions=paraphrase"])
+
+
+def test_held_out_config_inherits_the_main_job_and_holds_out_its_demos():
+    main, held = load_config("pick_place.yaml"), load_config("pick_place_heldout.yaml")
+    assert held.name == "pick_place_heldout" and held.collect.goals == "seen" and main.collect.goals == "all"
+    assert held.data.paths == [held.collect.output] == ["data/pick_place_seen.hdf5"]
+    # its own evaluation scores the seen pairs; bench_quality --generalization adds the held-out ones
+    assert (held.env.goals, held.env.instructions) == ("seen", "train")
+    assert dataclasses.replace(held.env, goals="all") == main.env
+    # everything else is the main job's
+    for section in ("model", "loss", "train", "eval"):
+        assert getattr(held, section) == getattr(main, section), section
+    assert held.collect.post_success_steps == main.collect.post_success_steps == 8
+
+
+def test_preflight_names_a_task_without_held_out_combinations():
+    from vla_ft.errors import EnvError
+    from vla_ft.train.preflight import check_env_names
+
+    check_env_names(load_config("pick_place.yaml", ["env.goals=held_out"]).env)
+    with pytest.raises(
+        EnvError, match=r"env\.goals='held_out': task 'reach' has no held-out .*use env\.goals=all"
+    ):
+        check_env_names(load_config("pick_place.yaml", ["env.task=reach", "env.goals=held_out"]).env)
+
+
+def test_several_tasks_are_for_this_suite_only_and_named_before_training():
+    from vla_ft.errors import EnvError
+    from vla_ft.train.preflight import check_env_names
+
+    gym = ["env.type=gym", "env.gym_id=CartPole-v1"]
+    with pytest.raises(
+        ConfigError, match=r"^env\.tasks=\['reach'\] is invalid: .*env\.type=gym \(CartPole-v1\)"
+    ):
+        load_config("pick_place.yaml", [*gym, "env.tasks=[reach]"])
+    with pytest.raises(
+        EnvError, match=r"^env\.tasks names 'lfit' \(did you mean 'lift'\?\), 'x', which are not tasks"
+    ):
+        check_env_names(load_config("pick_place.yaml", ["env.tasks=[reach, lfit, x]"]).env)
+    with pytest.raises(EnvError, match=r"env\.goals='held_out': task 'reach' has no held-out"):
+        check_env_names(load_config("suite.yaml", ["env.goals=held_out"]).env)  # checked for every task
+
+
+def test_suite_config_fine_tunes_the_base_on_every_task_and_scores_each():
+    import envs
+    from vla_ft.data.collect import episode_seed
+    from vla_ft.train.finetune import check_config
+    from vla_ft.train.preflight import check_env_names
+
+    main, suite = load_config("pick_place.yaml"), load_config("suite.yaml")
+    pretrain = load_config("pretrain_suite.yaml")
+    assert suite.env.tasks == suite.collect.tasks == envs.list_tasks()
+    assert (
+        suite.data.paths == [suite.collect.output] == ["data/suite_all.hdf5"]
+        and suite.data.collect_if_missing
+    )
+    assert suite.collect.output not in (main.collect.output, pretrain.collect.output)
+    # the main job's recipe: the shipped base, 80 px, task terms, post-success steps, batch and LRs
+    assert suite.model == main.model and suite.model.pretrained == "checkpoints/base/tiny-suite"
+    assert suite.loss == main.loss and suite.env.image_size == main.env.image_size == 80
+    assert suite.collect.post_success_steps == main.collect.post_success_steps == 8
+    assert (suite.train.batch_size, suite.train.lr, suite.train.module_lr) == (
+        main.train.batch_size, main.train.lr, main.train.module_lr,
+    )  # fmt: skip
+    assert suite.eval.episodes == 100 and suite.eval.seed == 100_000
+
+    def demo_seeds(cfg):
+        attempts = int(cfg.collect.episodes * cfg.collect.max_attempts_factor)
+        return {episode_seed(cfg.collect.seed, t, i) for t in cfg.collect.tasks for i in range(attempts)}
+
+    mine = demo_seeds(suite)
+    eval_seeds = set(range(suite.eval.seed, suite.eval.seed + suite.eval.episodes))  # the same for every task
+    assert not mine & demo_seeds(main) and not mine & demo_seeds(pretrain) and not mine & eval_seeds
+    check_env_names(suite.env)
+    check_config(suite)
 
 
 def test_int_widens_to_float_and_lists_parse():

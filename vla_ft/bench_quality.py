@@ -17,6 +17,14 @@ run on episodes that no choice has seen:
 * each run's ``best`` checkpoint is then scored by ``scripts/evaluate.py`` on ``--episodes``
   episodes with reset seeds ``--eval-seed + i``, the same episodes for every training seed.
 
+With ``--generalization`` each ``best`` checkpoint is also scored on the same reset seeds with
+``env.goals=held_out`` (only the task's held-out (color, color) combinations, envs/tasks.py) and with
+``env.instructions=paraphrase`` (wordings never in the demos; the layouts and goals are those of the
+main evaluation, only the wording differs). Held-out combinations are only held out when the
+config collects with ``collect.goals: seen`` (configs/pick_place_heldout.yaml); otherwise the report
+header carries a warning, and it counts the demos of the file(s) that are held-out combinations.
+``--target-heldout`` / ``--target-paraphrase`` judge the mean rate of those evaluations.
+
 Reset seeds (an episode is a function of its task and reset seed): collection uses
 ``collect.seed + 1_000_000 * <task index> + i`` for attempt ``i`` (vla_ft/data/collect.py;
 pick_place's 600 demos come from seeds 0..1199), the config's evaluation ``eval.seed + i`` (default
@@ -25,7 +33,8 @@ benchmark ``--eval-seed + i`` (default 200000 + i). Before training, the benchma
 against the config's evaluation range and against the seeds recorded in the demo file(s).
 
 Outputs in ``--out``: ``quality.json`` (command, config, git commit, machine; per seed the
-successes, rate, Wilson interval and wall times; summary: mean, min, max, pooled), ``quality.md``
+successes, rate, Wilson interval and wall times, and with ``--generalization`` a ``generalization``
+record per kind; summary: mean, min, max, pooled, the same per kind), ``quality.md``
 (the table, also printed at the end) and ``quality.png``; all three are rewritten after every
 seed. A seed whose job fails stops the benchmark: its error and the tail of its log are printed and
 recorded, the seeds that finished stay in the report (marked incomplete) and the exit status is 1.
@@ -54,6 +63,13 @@ from vla_ft.errors import ConfigError, VLAFTError
 DEFAULT_EVAL_SEED = 200_000
 LOG_TAIL_LINES = 25
 PREFIX = "[bench_quality]"
+# --generalization: evaluation kind -> (the override it adds to the seed's config, its table column)
+GENERALIZATION = {
+    "held_out": ("env.goals=held_out", "held-out combinations"),
+    "paraphrase": ("env.instructions=paraphrase", "paraphrases"),
+}
+# target name (--target-<name>) -> the generalization kind whose mean rate it judges
+GENERALIZATION_TARGETS = {"heldout": "held_out", "paraphrase": "paraphrase"}
 
 
 def _pct(x: float) -> str:
@@ -64,7 +80,13 @@ def _seed_range(first: int, count: int) -> str:
     return f"{first}-{first + count - 1}"
 
 
-def check_arguments(seeds: int, episodes: int, eval_seed: int, targets: dict[str, float | None]) -> None:
+def check_arguments(
+    seeds: int,
+    episodes: int,
+    eval_seed: int,
+    targets: dict[str, float | None],
+    generalization: bool = False,
+) -> None:
     """Raises ConfigError (one line) for arguments no run could use."""
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: use 1 or more training seeds")
@@ -75,6 +97,87 @@ def check_arguments(seeds: int, episodes: int, eval_seed: int, targets: dict[str
     for name, value in targets.items():
         if value is not None and not 0 <= value <= 100:
             raise ConfigError(f"--target-{name} {value:g}: give a success rate in percent, 0 to 100")
+        if value is not None and name in GENERALIZATION_TARGETS and not generalization:
+            raise ConfigError(
+                f"--target-{name} {value:g} judges the {GENERALIZATION[GENERALIZATION_TARGETS[name]][1]} "
+                f"evaluation: add --generalization"
+            )
+
+
+def check_generalization(cfg: Config) -> None:
+    """``--generalization`` needs a task of this suite with held-out combinations, and a main
+    evaluation that is not already on the held-out goals or the paraphrases."""
+    if cfg.env.type != "vla_ft":
+        raise ConfigError(
+            f"--generalization: env.type={cfg.env.type!r} ({cfg.env.gym_id}) has no held-out combinations "
+            f"or paraphrases; use a task of this suite (env.type=vla_ft)"
+        )
+    from envs.tasks import TASKS
+
+    with_held_out = ", ".join(name for name, t in TASKS.items() if t.held_out)
+    if cfg.env.task not in TASKS or not TASKS[cfg.env.task].held_out:
+        what = "has no held-out combinations" if cfg.env.task in TASKS else "is not a task of this suite"
+        raise ConfigError(
+            f"--generalization: env.task={cfg.env.task!r} {what} (tasks with held-out combinations: "
+            f"{with_held_out}); drop --generalization or score one of those"
+        )
+    for key, value in (("goals", "held_out"), ("instructions", "paraphrase")):
+        if getattr(cfg.env, key) == value:
+            raise ConfigError(
+                f"--generalization compares env.{key}={value} with the main evaluation, which the config "
+                f"already runs with env.{key}={value}: set it back to the default"
+            )
+
+
+def held_out_demos(paths: Sequence[str]) -> tuple[int, int] | None:
+    """(demos whose goal is a held-out combination, demos read) over our own demo files, or None when
+    none of them records per-demo states of a task of this suite (robomimic/LIBERO files)."""
+    import h5py
+
+    from envs.env import is_held_out_state
+    from envs.tasks import TASKS
+
+    held = total = 0
+    for path in paths:
+        try:
+            with h5py.File(path, "r") as f:
+                for demo in f["data"].values() if "data" in f else ():
+                    task = demo.attrs.get("task")
+                    task = task.decode() if isinstance(task, bytes) else task
+                    if task not in TASKS or "states" not in demo:
+                        continue
+                    total += 1
+                    held += is_held_out_state(task, demo["states"][0])
+        except OSError:
+            continue  # unreadable: the training job's dataset reader names the file and the problem
+    return (held, total) if total else None
+
+
+def generalization_setup(cfg: Config, paths: Sequence[str]) -> dict[str, Any]:
+    """What ``--generalization`` adds to the report header: the overrides, how the demos were
+    collected, and warnings when the held-out combinations were not held out of them."""
+    from envs.tasks import TASKS
+
+    counted = held_out_demos(paths)
+    warnings = []
+    if cfg.collect.goals != "seen":
+        warnings.append(
+            f"the config collects its demos with collect.goals={cfg.collect.goals}: the held-out "
+            f"combinations are in its training data, so the held-out rate is not a generalization "
+            f"measure; use a config that collects with collect.goals: seen (e.g. pick_place_heldout.yaml)"
+        )
+    if counted and counted[0]:
+        warnings.append(
+            f"{counted[0]} of the {counted[1]} demos in the data file(s) are held-out combinations "
+            f"(collected with goals: all?)"
+        )
+    return {
+        "kinds": {kind: override for kind, (override, _) in GENERALIZATION.items()},
+        "collect_goals": cfg.collect.goals,
+        "held_out_pairs": sorted(f"{a}/{b}" for a, b in TASKS[cfg.env.task].held_out),
+        "held_out_demos": list(counted) if counted else None,
+        "warnings": warnings,
+    }
 
 
 def _overlap(a: int, a_n: int, b: int, b_n: int) -> bool:
@@ -132,11 +235,15 @@ def seed_config(shared: dict[str, Any], seed: int) -> dict[str, Any]:
     return values
 
 
-def eval_command(cfg_file: Path, ckpt: Path, eval_seed: int, episodes: int, out_dir: Path) -> list[str]:
-    """``scripts/evaluate.py`` on ``ckpt`` with the benchmark's episodes (the seed's config otherwise)."""
+def eval_command(
+    cfg_file: Path, ckpt: Path, eval_seed: int, episodes: int, out_dir: Path, overrides: Sequence[str] = ()
+) -> list[str]:
+    """``scripts/evaluate.py`` on ``ckpt`` with the benchmark's episodes (the seed's config otherwise,
+    plus ``overrides``: ``env.goals=held_out`` for a generalization evaluation)."""
     return [
         sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), "--cfg", str(cfg_file),
         "--ckpt", str(ckpt), f"eval.seed={eval_seed}", f"eval.episodes={episodes}", f"eval.out_dir={out_dir}",
+        *overrides,
     ]  # fmt: skip
 
 
@@ -153,12 +260,67 @@ def _fail(res: dict[str, Any], stage: str, code: int | None, error: str, log: Pa
     return res
 
 
-def run_seed(seed: int, values: dict[str, Any], out: Path, eval_seed: int, episodes: int) -> dict[str, Any]:
-    """Train one seed, then score its ``best`` checkpoint on the fresh episodes; the seed's record."""
+def score_checkpoint(
+    cfg_file: Path,
+    ckpt: Path,
+    eval_seed: int,
+    episodes: int,
+    eval_dir: Path,
+    log: Path,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One evaluation job on the benchmark's episodes; its record (``status`` ok or failed).
+
+    The main evaluation and each ``--generalization`` one go through here, so they run, time and
+    check their episodes the same way.
+    """
+    cmd = eval_command(cfg_file, ckpt, eval_seed, episodes, eval_dir, overrides)
+    rec: dict[str, Any] = {
+        "eval_command": display_command(cmd),
+        "eval_log": str(log),
+        "eval_dir": str(eval_dir),
+    }
+    print(f"{PREFIX}   evaluating: {rec['eval_command']}", flush=True)
+    code, rec["eval_wall_s"], _ = run_child(cmd, log)
+    rec["exit_code"] = code
+    if code != 0:
+        return {**rec, "status": "failed", "error": error_line(log)}
+    try:
+        report = json.loads((eval_dir / "eval.json").read_text())
+        o = report["overall"]
+        seeds = sorted(e["seed"] for e in report["episodes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = f"the evaluation exited 0 but its eval.json is unreadable ({type(exc).__name__}: {exc})"
+        return {**rec, "status": "failed", "error": why}
+    n_tasks = len(report.get("manifest", {}).get("tasks") or [None])  # env.tasks: each seed once per task
+    if seeds != sorted(list(range(eval_seed, eval_seed + episodes)) * n_tasks):
+        why = f"the evaluation ran reset seeds {seeds[:1]}..{seeds[-1:]}, not {_seed_range(eval_seed, episodes)}"
+        return {**rec, "status": "failed", "error": why}
+    return {
+        **rec,
+        "status": "ok",
+        "successes": o["successes"],
+        "episodes": o["episodes"],
+        "success_rate": o["success_rate"],
+        "ci95": list(o["ci95"]),
+        "eval_seeds": [eval_seed, eval_seed + episodes - 1],
+        "eval_s": report.get("timing", {}).get("wall_s"),
+    }
+
+
+def run_seed(
+    seed: int, values: dict[str, Any], out: Path, eval_seed: int, episodes: int, generalization: bool = False
+) -> dict[str, Any]:
+    """Train one seed, then score its ``best`` checkpoint on the fresh episodes (and, with
+    ``generalization``, on them again with each GENERALIZATION override); the seed's record.
+
+    ``eval_wall_s`` is the wall time of all the seed's evaluation jobs together; each generalization
+    record has its own.
+    """
     name = f"seed_{seed}"
     cfg_file = write_atomic(out / "configs" / f"{name}.yaml", yaml.safe_dump(values, sort_keys=False))
     run_dir = out / "runs" / name
-    train_log, eval_log = out / "logs" / f"{name}-train.log", out / "logs" / f"{name}-eval.log"
+    train_log = out / "logs" / f"{name}-train.log"
     train_cmd = [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--cfg", str(cfg_file)]
     res: dict[str, Any] = {
         "seed": seed, "status": "running", "config": str(cfg_file), "run_dir": str(run_dir),
@@ -180,35 +342,35 @@ def run_seed(seed: int, values: dict[str, Any], out: Path, eval_seed: int, episo
         train_s=summary.get("timing", {}).get("train_s"),
         checkpoint=str(ckpt.relative_to(run_dir.resolve())),
     )
+    print(f"{PREFIX}   scoring {res['checkpoint']}", flush=True)
 
-    eval_dir = run_dir / "eval" / f"fresh_{_seed_range(eval_seed, episodes)}"
-    cmd = eval_command(cfg_file, run_dir / "best", eval_seed, episodes, eval_dir)
-    res.update(eval_command=display_command(cmd), eval_log=str(eval_log), eval_dir=str(eval_dir))
-    print(f"{PREFIX}   evaluating {res['checkpoint']}: {res['eval_command']}", flush=True)
-    code, res["eval_wall_s"], _ = run_child(cmd, eval_log)
-    res["total_wall_s"] = res["train_wall_s"] + res["eval_wall_s"]
-    if code != 0:
-        return _fail(res, "eval", code, error_line(eval_log), eval_log)
-    try:
-        report = json.loads((eval_dir / "eval.json").read_text())
-        o = report["overall"]
-        seeds = sorted(e["seed"] for e in report["episodes"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        why = f"the evaluation exited 0 but its eval.json is unreadable ({type(exc).__name__}: {exc})"
-        return _fail(res, "eval", code, why, eval_log)
-    expected = list(range(eval_seed, eval_seed + episodes))
-    if seeds != expected:
-        why = f"the evaluation ran reset seeds {seeds[:1]}..{seeds[-1:]}, not {_seed_range(eval_seed, episodes)}"
-        return _fail(res, "eval", code, why, eval_log)
-    res.update(
-        status="ok",
-        successes=o["successes"],
-        episodes=o["episodes"],
-        success_rate=o["success_rate"],
-        ci95=list(o["ci95"]),
-        eval_seeds=[eval_seed, eval_seed + episodes - 1],
-        eval_s=report.get("timing", {}).get("wall_s"),
-    )
+    fresh = f"fresh_{_seed_range(eval_seed, episodes)}"
+    jobs = [("eval", run_dir / "eval" / fresh, out / "logs" / f"{name}-eval.log", ())]
+    if generalization:
+        res["generalization"] = {}
+        jobs += [
+            (
+                kind,
+                run_dir / "eval" / f"{fresh}_{kind}",
+                out / "logs" / f"{name}-eval-{kind}.log",
+                (override,),
+            )
+            for kind, (override, _) in GENERALIZATION.items()
+        ]
+    walls = 0.0
+    for kind, eval_dir, log, overrides in jobs:
+        rec = score_checkpoint(cfg_file, run_dir / "best", eval_seed, episodes, eval_dir, log, overrides)
+        status, code, error = rec.pop("status"), rec.pop("exit_code"), rec.pop("error", None)
+        walls += rec["eval_wall_s"]
+        if kind == "eval":
+            res.update(rec)
+        else:
+            res["generalization"][kind] = rec
+        res["eval_wall_s"], res["total_wall_s"] = walls, res["train_wall_s"] + walls
+        if status != "ok":
+            stage = "eval" if kind == "eval" else f"eval {kind}"
+            return _fail(res, stage, code, error, log)
+    res["status"] = "ok"
     return res
 
 
@@ -216,29 +378,46 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(
-    seeds: list[dict[str, Any]], targets: dict[str, float | None], complete: bool
-) -> dict[str, Any]:
-    """Mean, min, max and pooled success over the finished seeds, mean walls, and the target verdicts."""
+def rate_summary(records: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Mean (and sample sd), min, max and pooled success of ``(training seed, evaluation record)`` pairs."""
     from vla_ft.eval.scoring import wilson_interval
 
+    rates = [r["success_rate"] for _, r in records]
+    mean = _mean(rates)
+    lo = min(records, key=lambda sr: sr[1]["success_rate"])
+    hi = max(records, key=lambda sr: sr[1]["success_rate"])
+    k, n = sum(r["successes"] for _, r in records), sum(r["episodes"] for _, r in records)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in rates) / (len(rates) - 1)) if len(rates) > 1 else None
+    return {
+        "mean_rate": mean,
+        "sd_rate": sd,  # sample standard deviation over seeds (None for one seed)
+        "min_rate": lo[1]["success_rate"],
+        "min_seed": lo[0],
+        "max_rate": hi[1]["success_rate"],
+        "max_seed": hi[0],
+        "pooled": {"successes": k, "episodes": n, "success_rate": k / n, "ci95": list(wilson_interval(k, n))},
+    }
+
+
+def summarize(
+    seeds: list[dict[str, Any]],
+    targets: dict[str, float | None],
+    complete: bool,
+    kinds: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Mean, min, max and pooled success over the finished seeds (and per generalization ``kinds``),
+    mean walls, and the target verdicts."""
     done = [s for s in seeds if s["status"] == "ok"]
     out: dict[str, Any] = {"seeds_done": len(done), "seeds_planned": len(seeds)}
+    if kinds:
+        out["generalization"] = {
+            kind: rate_summary([(s["seed"], s["generalization"][kind]) for s in done]) if done else None
+            for kind in kinds
+        }
     if not done:
         return {**out, "mean_rate": None, "min_rate": None, "max_rate": None, "pooled": None, "targets": {}}
-    rates = [s["success_rate"] for s in done]
-    mean = _mean(rates)
-    lo, hi = min(done, key=lambda s: s["success_rate"]), max(done, key=lambda s: s["success_rate"])
-    k, n = sum(s["successes"] for s in done), sum(s["episodes"] for s in done)
-    sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) if len(rates) > 1 else None
     out.update(
-        mean_rate=mean,
-        sd_rate=sd,  # sample standard deviation over seeds (None for one seed)
-        min_rate=lo["success_rate"],
-        min_seed=lo["seed"],
-        max_rate=hi["success_rate"],
-        max_seed=hi["seed"],
-        pooled={"successes": k, "episodes": n, "success_rate": k / n, "ci95": list(wilson_interval(k, n))},
+        rate_summary([(s["seed"], s) for s in done]),
         mean_train_wall_s=_mean([s["train_wall_s"] for s in done]),
         mean_eval_wall_s=_mean([s["eval_wall_s"] for s in done]),
         mean_total_wall_s=_mean([s["total_wall_s"] for s in done]),
@@ -246,7 +425,8 @@ def summarize(
     verdicts = {}
     for name, target in targets.items():
         if target is not None:
-            value = out[f"{name}_rate"]
+            kind = GENERALIZATION_TARGETS.get(name)
+            value = out["generalization"][kind]["mean_rate"] if kind else out[f"{name}_rate"]
             # judged only on a complete run; 1e-9: 0.29 * 100 is 28.999999999999996
             ok = 100 * value >= target - 1e-9 if complete else None
             verdicts[name] = {"target_pct": target, "value": value, "pass": ok}
@@ -259,13 +439,22 @@ def build_report(
 ) -> dict[str, Any]:
     """The ``quality.json`` content."""
     complete = all(s["status"] == "ok" for s in seeds)
+    kinds = list((meta["setup"].get("generalization") or {}).get("kinds", {}))
     return {
         **meta,
         "complete": complete,
         "failed": [s["seed"] for s in seeds if s["status"] == "failed"],
         "seeds": seeds,
-        "summary": summarize(seeds, targets, complete),
+        "summary": summarize(seeds, targets, complete, kinds),
     }
+
+
+TARGET_LABELS = {"mean": "mean", "min": "min", "heldout": "held-out mean", "paraphrase": "paraphrase mean"}
+
+
+def _mean_cell(x: dict[str, Any]) -> str:
+    sd = f", sd {100 * x['sd_rate']:.1f} points" if x.get("sd_rate") is not None else ""
+    return f"{_pct(x['mean_rate'])}{sd}"
 
 
 def _verdict(v: dict[str, Any] | None, what: str) -> str:
@@ -313,43 +502,59 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- evaluation: each run's `best` checkpoint on {ev['episodes']} fresh episodes, reset seeds "
         f"{ev['seeds'][0]}-{ev['seeds'][1]}, the same for every seed and never used for a choice ({choice})",
         f"- status: {status}",
-        "",
     ]
+    gen_setup = setup.get("generalization")
+    if gen_setup:
+        counted = gen_setup.get("held_out_demos")
+        demos = f"; {counted[0]} of the {counted[1]} demos are held-out combinations" if counted else ""
+        lines.append(
+            f"- generalization: the same checkpoints on the same reset seeds with `env.goals=held_out` "
+            f"(only the held-out (named color / destination color) combinations: "
+            f"{', '.join(gen_setup['held_out_pairs'])}) and with `env.instructions=paraphrase` (wordings "
+            f"never in the demos; same layouts and goals as the main evaluation); demos collected with "
+            f"`collect.goals: {gen_setup['collect_goals']}`{demos}"
+        )
+        lines += [f"- **warning**: {w}" for w in gen_setup["warnings"]]
+    lines.append("")
+    kinds = list(s.get("generalization") or {})
     targets = s.get("targets") or {}
-    cols = ["training seed", "success (95% Wilson CI)", "best checkpoint", "train", "eval", "total"]
-    cols += ["target"] if targets else []
+    cols = ["training seed", "success (95% Wilson CI)", *(GENERALIZATION[k][1] for k in kinds)]
+    cols += ["best checkpoint", "train", "eval", "total"] + (["target"] if targets else [])
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["seeds"]:
+        gen = r.get("generalization") or {}
+        gen_cells = [fmt_success(gen.get(k, {})) for k in kinds]
+        walls = [fmt_duration(r.get(k)) for k in ("train_wall_s", "eval_wall_s", "total_wall_s")]
         if r["status"] == "ok":
-            cells = [str(r["seed"]), fmt_success(r), f"`{r['checkpoint']}`"]
-            cells += [fmt_duration(r[k]) for k in ("train_wall_s", "eval_wall_s", "total_wall_s")]
+            cells = [str(r["seed"]), fmt_success(r), *gen_cells, f"`{r['checkpoint']}`", *walls]
         elif r["status"] == "failed":
             error = str(r["error"]).replace("|", "/")
-            cells = [str(r["seed"]), f"FAILED in {r['stage']} (exit {r['exit_code']}): {error}", "-"]
-            cells += [fmt_duration(r.get(k)) for k in ("train_wall_s", "eval_wall_s", "total_wall_s")]
+            failed = f"FAILED in {r['stage']} (exit {r['exit_code']}): {error}"
+            cells = [str(r["seed"]), failed, *gen_cells, "-", *walls]
         else:
-            cells = [str(r["seed"]), "not run", "-", "-", "-", "-"]
+            cells = [str(r["seed"]), "not run", *["-"] * len(kinds), "-", "-", "-", "-"]
         lines.append("| " + " | ".join(cells + ([""] if targets else [])) + " |")
     if s["seeds_done"]:
-        p = s["pooled"]
-        sd = f", sd {100 * s['sd_rate']:.1f} points" if s.get("sd_rate") is not None else ""
+        g = s.get("generalization") or {}
         walls = [fmt_duration(s[f"mean_{k}_wall_s"]) for k in ("train", "eval", "total")]
         agg = [
-            (f"**mean** of {s['seeds_done']}", f"{_pct(s['mean_rate'])}{sd}", walls, "mean"),
-            ("**min**", f"{_pct(s['min_rate'])} (seed {s['min_seed']})", ["", "", ""], "min"),
-            ("**max**", f"{_pct(s['max_rate'])} (seed {s['max_seed']})", ["", "", ""], None),
-            ("**pooled**", fmt_success(p), ["", "", ""], None),
+            (f"**mean** of {s['seeds_done']}", _mean_cell, walls, ("mean", "heldout", "paraphrase")),
+            ("**min**", lambda x: f"{_pct(x['min_rate'])} (seed {x['min_seed']})", ["", "", ""], ("min",)),
+            ("**max**", lambda x: f"{_pct(x['max_rate'])} (seed {x['max_seed']})", ["", "", ""], ()),
+            ("**pooled**", lambda x: fmt_success(x["pooled"]), ["", "", ""], ()),
         ]
-        for label, value, w, target in agg:
-            cells = [label, value, "", *w]
-            cells += [_verdict(targets.get(target), target)] if targets else []
+        for label, value, w, names in agg:
+            cells = [label, value(s), *(value(g[k]) for k in kinds), "", *w]
+            if targets:
+                cells.append("; ".join(_verdict(targets[n], TARGET_LABELS[n]) for n in names if n in targets))
             lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Success: successes / episodes with the 95% Wilson interval. mean / min / max: over the "
         "training seeds' rates (sd: their sample standard deviation); pooled: all seeds' episodes "
         "together, whose interval is about the config's average run, not about one run. train: wall "
-        "time of the whole training job (start-up, data, fit, checkpoints); eval: of the evaluation job.",
+        "time of the whole training job (start-up, data, fit, checkpoints); eval: of the evaluation job"
+        + (" and the generalization ones, together." if kinds else "."),
     ]
     failed = [r for r in report["seeds"] if r["status"] == "failed"]
     for r in failed:
@@ -363,7 +568,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def render_plot(report: dict[str, Any], path: Path) -> Path:
-    """``quality.png``: each seed's rate with its 95% CI, a line at the mean (and at the targets)."""
+    """``quality.png``: each seed's rate with its 95% CI, a line at the mean (and at the targets); with
+    ``--generalization`` the held-out and paraphrase rates sit beside it, each with its mean line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -371,16 +577,34 @@ def render_plot(report: dict[str, Any], path: Path) -> Path:
 
     rows, s = report["seeds"], report["summary"]
     x = list(range(len(rows)))
-    rate, low, high = rate_error_bars(rows)
     ok = [r["status"] == "ok" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(rows) + 3), 4.2), layout="constrained")
     xs = [i for i in x if ok[i]]
-    ax.errorbar(
-        xs, [rate[i] for i in xs], yerr=[[low[i] for i in xs], [high[i] for i in xs]], fmt="o", capsize=5,
-        color="tab:blue", label="seed (95% Wilson CI)",
-    )  # fmt: skip
-    if s["mean_rate"] is not None:
-        ax.axhline(100 * s["mean_rate"], color="tab:orange", label=f"mean {_pct(s['mean_rate'])}")
+    gen = s.get("generalization") or {}
+    # (records per seed, label, color, summary): the main evaluation, then one per generalization kind
+    series = [(rows, "main evaluation (95% CI)" if gen else "seed (95% Wilson CI)", "tab:blue", s)]
+    for kind, color in zip(gen, ("tab:green", "tab:purple"), strict=False):
+        records = [(r.get("generalization") or {}).get(kind, {}) for r in rows]
+        series.append((records, f"{GENERALIZATION[kind][1]} (95% CI)", color, gen[kind]))
+    width = 0.22 if len(series) > 1 else 0.0
+    fig, ax = plt.subplots(
+        figsize=(max(5.0, (1.0 + 0.6 * (len(series) - 1)) * len(rows) + 3), 4.2), layout="constrained"
+    )
+    lows = [v["target_pct"] for v in (s.get("targets") or {}).values()]
+    for j, (records, label, color, summary) in enumerate(series):
+        rate, low, high = rate_error_bars(records)
+        dx = (j - (len(series) - 1) / 2) * width
+        ax.errorbar(
+            [i + dx for i in xs], [rate[i] for i in xs], yerr=[[low[i] for i in xs], [high[i] for i in xs]],
+            fmt="o", capsize=5, color=color, label=label,
+        )  # fmt: skip
+        lows += [rate[i] - low[i] for i in xs]
+        if summary and summary["mean_rate"] is not None:
+            name = "mean" if j == 0 else f"{label.split(' (')[0]} mean"
+            ax.axhline(
+                100 * summary["mean_rate"], color="tab:orange" if j == 0 else color, ls="-" if j == 0 else "-.",
+                lw=1.5 if j == 0 else 1, label=f"{name} {_pct(summary['mean_rate'])}",
+            )  # fmt: skip
+    rate = rate_error_bars(rows)[0]
     for name, v in (s.get("targets") or {}).items():
         style = "--" if name == "mean" else ":"
         ax.axhline(v["target_pct"], color="gray", ls=style, lw=1, label=f"target {name} {v['target_pct']:g}%")
@@ -394,14 +618,18 @@ def render_plot(report: dict[str, Any], path: Path) -> Path:
     ax.set_xticklabels(labels)
     ax.set_xlim(-0.6, len(rows) - 0.4)
     # the y axis starts at a multiple of 10 at least 5 points below the lowest interval (or at 0)
-    lows = [rate[i] - low[i] for i in xs] + [v["target_pct"] for v in (s.get("targets") or {}).values()]
     ax.set_ylim(max(0.0, 10 * math.floor((min(lows, default=0.0) - 5) / 10)), 102)
     ax.set_ylabel("success rate (%)")
     ev = report["setup"]["eval"]
+    also = " (and with held-out goals / paraphrases)" if gen else ""
     ax.set_title(
-        f"{report['config']}: {ev['episodes']} fresh episodes per seed ({ev['seeds'][0]}-{ev['seeds'][1]})"
+        f"{report['config']}: {ev['episodes']} fresh episodes per seed ({ev['seeds'][0]}-{ev['seeds'][1]}){also}",
+        **({"fontsize": 10} if gen else {}),
     )
-    ax.legend(loc="lower right", fontsize=8)
+    if gen:  # six or more entries: beside the axes, not over the points
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax.legend(loc="lower right", fontsize=8)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -426,15 +654,19 @@ def run_bench(
     out: str | Path | None = None,
     targets: dict[str, float | None] | None = None,
     argv: Sequence[str] | None = None,
+    generalization: bool = False,
 ) -> int:
     """Run the benchmark (see the module docstring); returns the exit status (1: a seed failed).
 
     Raises:
-        ConfigError: bad arguments, a used output directory, evaluation seeds that are not fresh, or
-            a per-seed config that does not validate; all before any training.
+        ConfigError: bad arguments, a used output directory, evaluation seeds that are not fresh, a
+            per-seed config that does not validate, or ``generalization`` on a config without held-out
+            combinations; all before any training.
     """
     targets = {"mean": None, "min": None, **(targets or {})}
-    check_arguments(seeds, episodes, eval_seed, targets)
+    check_arguments(seeds, episodes, eval_seed, targets, generalization)
+    if generalization:
+        check_generalization(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(out or Path(cfg.train.out_dir) / "bench_quality" / f"{cfg.name}-{stamp}").resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -477,14 +709,22 @@ def run_bench(
             "config_eval": {"seed": cfg.eval.seed, "episodes": cfg.eval.episodes},
         },
     }
+    if generalization:
+        meta["setup"]["generalization"] = generalization_setup(shared_cfg, paths)
+        for warning in meta["setup"]["generalization"]["warnings"]:
+            print(f"{PREFIX} warning: {warning}", file=sys.stderr, flush=True)
     results: list[dict[str, Any]] = [{"seed": s, "status": "not run"} for s, _ in plans]
     failed = None
     for i, (seed, values) in enumerate(plans):
         print(f"{PREFIX} seed {seed} ({i + 1}/{len(plans)})", flush=True)
-        results[i] = res = run_seed(seed, values, out, eval_seed, episodes)
+        results[i] = res = run_seed(seed, values, out, eval_seed, episodes, generalization)
         if res["status"] == "ok":
+            gen = "".join(
+                f", {GENERALIZATION[k][1]} {fmt_success(r)}"
+                for k, r in (res.get("generalization") or {}).items()
+            )
             print(
-                f"{PREFIX}   seed {seed}: {fmt_success(res)}, train {fmt_duration(res['train_wall_s'])}, "
+                f"{PREFIX}   seed {seed}: {fmt_success(res)}{gen}, train {fmt_duration(res['train_wall_s'])}, "
                 f"eval {fmt_duration(res['eval_wall_s'])}",
                 flush=True,
             )
@@ -554,6 +794,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target-min", type=float, help="mark the lowest seed's rate PASS/FAIL against this percent"
     )
+    p.add_argument(
+        "--generalization",
+        action="store_true",
+        help=(
+            "also score each best checkpoint on the same episodes with env.goals=held_out (the task's "
+            "held-out color combinations; meaningful when the config collects with collect.goals: seen, "
+            "e.g. pick_place_heldout.yaml) and with env.instructions=paraphrase (unseen wordings)"
+        ),
+    )
+    p.add_argument(
+        "--target-heldout",
+        type=float,
+        help="with --generalization: mark the mean held-out rate PASS/FAIL against this percent",
+    )
+    p.add_argument(
+        "--target-paraphrase",
+        type=float,
+        help="with --generalization: mark the mean paraphrase rate PASS/FAIL against this percent",
+    )
     return p
 
 
@@ -561,13 +820,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/bench_quality.py``: user errors are one line on stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_intermixed_args(argv)
-    targets = {"mean": args.target_mean, "min": args.target_min}
+    targets = {
+        "mean": args.target_mean,
+        "min": args.target_min,
+        "heldout": args.target_heldout,
+        "paraphrase": args.target_paraphrase,
+    }
     try:
-        check_arguments(args.seeds, args.episodes, args.eval_seed, targets)
+        check_arguments(args.seeds, args.episodes, args.eval_seed, targets, args.generalization)
         cfg = load_config(args.cfg, args.overrides)
         return run_bench(
             cfg, args.seeds, args.episodes, args.eval_seed, args.out, targets,
-            argv=["python", "scripts/bench_quality.py", *argv],
+            argv=["python", "scripts/bench_quality.py", *argv], generalization=args.generalization,
         )  # fmt: skip
     except VLAFTError as exc:
         print(f"error: {exc}", file=sys.stderr)

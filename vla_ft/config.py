@@ -156,6 +156,10 @@ class CollectConfig:
     # keep recording the expert this many steps after success (e.g. the release and retreat of
     # pick_place: without them a demo holds 2 open-gripper frames and policies never let go)
     post_success_steps: int = 0
+    # which goals demos are collected on: all, or seen (never one of a task's held-out combinations,
+    # so env.goals=held_out scores what the demos left out; docs/envs.md). Demos always use the
+    # training wordings, never paraphrases
+    goals: Literal["all", "seen"] = "all"
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "collect.tasks", self.tasks, "name at least one task")
@@ -178,15 +182,25 @@ class CollectConfig:
 class EnvConfig:
     """The simulated task(s) a policy is scored on.
 
-    ``type: vla_ft`` uses this project's MuJoCo suite (``task`` names a registered task);
-    ``type: gym`` wraps any registered gymnasium id (``gym_id``) with the key mapping below.
+    ``type: vla_ft`` uses this project's MuJoCo suite (``task`` names a registered task, ``tasks``
+    several, scored together); ``type: gym`` wraps any registered gymnasium id (``gym_id``) with the
+    key mapping below.
     """
 
     type: Literal["vla_ft", "gym"] = "vla_ft"
     task: str = "pick_place"
+    # several tasks of this suite scored by one evaluation (type vla_ft): eval.episodes of each, every
+    # task on the same reset seeds, one report with a per-task table; empty: env.task alone
+    tasks: list[str] = field(default_factory=list)
     image_size: int = 64
     cameras: list[str] = field(default_factory=lambda: ["agentview", "wrist"])
     max_steps: int | None = None  # None: the task's default
+    # which goals episodes sample (type vla_ft; envs/tasks.py, docs/envs.md): all, seen (never one of
+    # the task's held-out color combinations) or held_out (only those; pick_place and stack have them)
+    goals: Literal["all", "seen", "held_out"] = "all"
+    # which wordings instructions use: train (the templates demos are collected with) or paraphrase
+    # (each task's paraphrases, never collected)
+    instructions: Literal["train", "paraphrase"] = "train"
     # generic gymnasium adapter (type: gym)
     gym_id: str | None = None
     gym_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -200,8 +214,28 @@ class EnvConfig:
         _check(self.image_size >= 8, "env.image_size", self.image_size, "use at least 8 px")
         if self.max_steps is not None:
             _check(self.max_steps >= 1, "env.max_steps", self.max_steps, "use 1 or more, or null")
+        dup = next((t for t in self.tasks if self.tasks.count(t) > 1), None)
+        _check(dup is None, "env.tasks", self.tasks, f"name each task once ({dup!r} is there twice)")
         if self.type == "gym":
             _check(bool(self.gym_id), "env.gym_id", self.gym_id, "set the gymnasium id for env.type=gym")
+            _check(
+                not self.tasks,
+                "env.tasks",
+                self.tasks,
+                f"it names tasks of this suite, which env.type=gym ({self.gym_id}) does not have: use "
+                "env.tasks=[] (one gymnasium id per evaluation), or env.type=vla_ft",
+            )
+            changed = [
+                f"env.{key}={getattr(self, key)!r}"
+                for key, default in (("goals", "all"), ("instructions", "train"))
+                if getattr(self, key) != default
+            ]
+            if changed:
+                raise ConfigError(
+                    f"{' and '.join(changed)} select goals and wordings of this suite's tasks, which "
+                    f"env.type=gym ({self.gym_id}) does not have: use env.goals=all and env.instructions=train, "
+                    f"or env.type=vla_ft"
+                )
 
 
 LORA_TARGETS = ("language", "projector", "vision")
@@ -385,6 +419,7 @@ class TrainConfig:
     eval_every: int = 0  # simulation evaluation every N steps (0 = only at the end)
     save_every: int = 500
     keep_last: int = 2
+    # success_rate: the periodic evaluation's overall rate (with env.tasks: every task's episodes)
     best_metric: Literal["val_loss", "success_rate"] = "val_loss"
     patience: int | None = None  # early stopping: evaluations without improvement
     resume: str | None = None  # "auto" (latest in the run dir) or a checkpoint path

@@ -91,6 +91,16 @@ def test_policy_on_the_driver_gives_the_local_pools_episodes(ray_session):
     assert on_ray.outcomes == local.outcomes and _events(on_ray) == _events(local)
 
 
+def test_several_tasks_on_ray_give_the_local_pools_episodes(ray_session):
+    env = EnvConfig(tasks=["reach", "push"], image_size=16)  # env.tasks: a pool of actors per task
+    cfg = dict(episodes=2, num_envs=2, workers=2)
+    on_ray = evaluate("expert", env, EvalConfig(backend="ray", **cfg))
+    local = evaluate("expert", env, EvalConfig(**cfg))
+    assert on_ray.outcomes == local.outcomes and _events(on_ray) == _events(local)
+    assert [e.task for e in on_ray.episodes] == ["reach", "reach", "push", "push"]
+    assert on_ray.report["per_task"] == local.report["per_task"]
+
+
 def test_killed_actor_is_a_failure_on_its_node_and_the_run_completes(ray_session, monkeypatch, tmp_path):
     monkeypatch.setenv(CRASH_ENV_VAR, "3")  # the actor resetting episode 3 SIGKILLs its process
     result = evaluate(

@@ -4,7 +4,10 @@ Episode ``i`` of task ``t`` resets with seed ``cfg.collect.seed + TASK_SEED_STRI
 (``index`` in ``envs.list_tasks()``, so a task's seeds do not depend on the task list). Attempts run
 in a ``spawn`` process pool (forking after an EGL context exists hangs) in seed order; the first
 ``cfg.collect.episodes`` successful episodes per task (or all, with ``keep_failures``) are written,
-so the file does not depend on the number of workers. No torch import here.
+so the file does not depend on the number of workers. ``collect.goals: seen`` builds the envs with
+``goals="seen"``: no demo is one of a task's held-out combinations (envs/tasks.py), and
+``env_args.env_kwargs.goals`` in the file says so. Demos always use the training wordings. No torch
+import here.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def episode_seed(base_seed: int, task: str, i: int) -> int:
 
 
 def run_episode(job: tuple) -> dict[str, Any]:
-    """Roll the expert out once. ``job = (task, seed, noise, image_size, cameras, max_steps, post)``.
+    """Roll the expert out once. ``job = (task, seed, noise, image_size, cameras, max_steps, post[, goals])``
+    (``goals``: the env's goal set, default ``all``).
 
     After a success the expert keeps acting for ``post`` more steps (recorded; ``success`` stays the
     outcome of the episode proper), so a demo shows what follows the success step (pick_place: the
@@ -53,10 +57,13 @@ def run_episode(job: tuple) -> dict[str, Any]:
     """
     import envs
 
-    task, seed, noise, image_size, cameras, max_steps, post = job
-    key = (task, image_size, tuple(cameras), max_steps)
+    task, seed, noise, image_size, cameras, max_steps, post = job[:7]
+    goals = job[7] if len(job) > 7 else "all"
+    key = (task, image_size, tuple(cameras), max_steps, goals)
     if key not in _ENVS:
-        _ENVS[key] = envs.make(task, image_size=image_size, cameras=tuple(cameras), max_steps=max_steps)
+        _ENVS[key] = envs.make(
+            task, image_size=image_size, cameras=tuple(cameras), max_steps=max_steps, goals=goals
+        )
     env = _ENVS[key]
     expert = envs.make_expert(env, noise=noise, seed=seed)
     obs, info = env.reset(seed=seed)
@@ -146,6 +153,7 @@ def _collect_task(task: str, cfg: Config, writer: DemoWriter, instructions: list
             tuple(e.cameras),
             e.max_steps,
             c.post_success_steps,
+            c.goals,
         )
         for i in range(attempts)
     ]
@@ -208,7 +216,11 @@ def _env_args(cfg: Config) -> dict[str, Any]:
     for task in cfg.collect.tasks:
         envs.registry.get_task(task)  # unknown names fail before any work, listing valid ones
     env = envs.make(
-        cfg.collect.tasks[0], image_size=cfg.env.image_size, cameras=tuple(cfg.env.cameras), render=False
+        cfg.collect.tasks[0],
+        image_size=cfg.env.image_size,
+        cameras=tuple(cfg.env.cameras),
+        render=False,
+        goals=cfg.collect.goals,
     )
     args = env.env_args()
     env.close()

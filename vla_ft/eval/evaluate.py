@@ -1,7 +1,19 @@
-"""``evaluate``: score a policy over a fixed, seeded set of simulated episodes."""
+"""``evaluate``: score a policy over a fixed, seeded set of simulated episodes.
+
+With ``env.tasks`` one evaluation scores several tasks of this suite: ``eval.episodes`` episodes of
+each, every task on the same reset seeds, merged into one report (overall, per task, per
+instruction). It runs the tasks one after the other, each as the single-task evaluation of that
+task would (its own worker pool, episode ``k * episodes + i`` for task ``k``), rather than mixing
+tasks in the workers: every guarantee of the single-task path (results independent of worker count
+and backend, crash tolerance, videos) carries over unchanged, a task's episodes are exactly its
+single-task evaluation's (a neural policy sees the same batches), and the price is one pool start
+per task (about a second locally).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +23,7 @@ from vla_ft.errors import ConfigError, EnvError
 from vla_ft.eval.policies import ExpertPolicy, RandomPolicy, check_policy, runs_in_worker
 from vla_ft.eval.pool import make_pool
 from vla_ft.eval.report import build_manifest, log_wandb, write_reports
-from vla_ft.eval.rollout import Rollout
+from vla_ft.eval.rollout import Rollout, RolloutOutput
 from vla_ft.eval.scoring import EpisodeResult, aggregate
 from vla_ft.eval.video import write_video
 
@@ -46,6 +58,90 @@ def _env_name(env_cfg: Any) -> str:
     return env_cfg.gym_id if env_cfg.type == "gym" else env_cfg.task
 
 
+def task_names(env_cfg: Any) -> list[str]:
+    """What one evaluation scores, in order: ``env.tasks``, else ``env.task`` (gym: the id)."""
+    if env_cfg.type == "gym":
+        return [env_cfg.gym_id]
+    return list(getattr(env_cfg, "tasks", None) or []) or [env_cfg.task]
+
+
+def check_tasks(env_cfg: Any) -> None:
+    """Every task ``env_cfg`` names is one of this suite's and can sample ``env.goals`` (no env is
+    built), so that a bad name fails before training, or before the first task of a multi-task
+    evaluation runs rather than after it.
+
+    Raises:
+        EnvError: one line naming the unknown tasks (with the closest names) and the valid ones, or
+            the task without the goal set asked for.
+    """
+    from envs.env import check_goal_options
+    from envs.registry import list_tasks
+
+    valid = list_tasks()
+    names = task_names(env_cfg)
+    unknown = [t for t in names if t not in valid]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if getattr(env_cfg, "tasks", None):
+            one = len(hints) == 1
+            raise EnvError(
+                f"env.tasks names {', '.join(hints)}, which {'is not a task' if one else 'are not tasks'} "
+                f"of this suite; valid tasks: {', '.join(valid)}"
+            )
+        raise EnvError(
+            f"env.task={hints[0]} is not a task of this suite; valid tasks: {', '.join(valid)} (or "
+            "env.type=gym with env.gym_id)"
+        )
+    for name in names:
+        check_goal_options(name, env_cfg.goals, env_cfg.instructions, prefix="env.")
+
+
+@dataclass
+class _TaskRun:
+    """One task's rollouts (a whole evaluation, or one task of a multi-task one)."""
+
+    task: str
+    out: RolloutOutput
+    spec: dict[str, Any]  # what the workers reported (action dim, keys, max_steps)
+    policy: Any  # resolved: "expert" / "random" became their objects
+    setup_s: float
+    wall_s: float
+    workers: int
+    backend: str
+
+
+def _run_task(
+    policy: Any, env_cfg: Any, eval_cfg: Any, first_index: int, videos: int, options: dict
+) -> _TaskRun:
+    """Start a pool for ``env_cfg``'s task, check the policy against it, roll out, close the pool."""
+    start = time.perf_counter()
+    episodes = int(eval_cfg.episodes)
+    max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
+    n_slots = min(int(eval_cfg.num_envs), episodes)
+    pool = make_pool(env_cfg, eval_cfg, max_steps, n_slots, options)
+    try:
+        spec = pool.start()
+        policy = _resolve_policy(policy, spec, env_cfg, eval_cfg.seed)
+        check_policy(policy, spec, _env_name(env_cfg))
+        setup_s = time.perf_counter() - start
+        out = Rollout(
+            pool, policy, episodes, eval_cfg.seed, n_slots, eval_cfg.replan_every, eval_cfg.temporal_ensemble,
+            videos, first_index=first_index,
+        ).run()  # fmt: skip
+    finally:
+        pool.close()
+    wall = time.perf_counter() - start
+    # an episode lost before its reset replied has no task from the env: one pool runs one task, so
+    # it is the others' (else the per-task table would gain a "" row)
+    task = next((e.task for e in out.episodes if e.task), _env_name(env_cfg))
+    for ep in out.episodes:
+        ep.task = ep.task or task
+    return _TaskRun(_env_name(env_cfg), out, spec, policy, setup_s, wall, pool.n_workers, pool.backend)
+
+
 def _resolve_policy(policy: Any, spec: dict[str, Any], env_cfg: Any, seed: int) -> Any:
     if isinstance(policy, str):
         if policy == "random":
@@ -76,7 +172,9 @@ def evaluate(
     Workers (``eval_cfg.workers`` spawned processes, or Ray actors with ``eval_cfg.backend="ray"``)
     own ``eval_cfg.num_envs`` envs; the policy runs batched in this process and its chunks execute
     open-loop for ``eval_cfg.replan_every`` steps. Episode ``i`` resets with seed ``eval_cfg.seed + i``;
-    results depend on neither the worker count nor the backend.
+    results depend on neither the worker count nor the backend. With ``env_cfg.tasks`` each task gets
+    ``eval_cfg.episodes`` episodes on those seeds, one task after the other (module docstring), and
+    the result holds them all: ``success_rate`` is the overall rate, ``report["per_task"]`` each task's.
 
     Args:
         policy: an object with ``action_dim`` and ``predict_action(obs (N, ...), instructions) -> (N, H, A)``
@@ -93,15 +191,14 @@ def evaluate(
 
     Raises:
         CheckpointError: the policy's action dimension does not match the env (before any rollout).
-        EnvError: the env cannot provide what the policy reads, or a bad env config.
+        EnvError: the env cannot provide what the policy reads, or a bad env config (an unknown
+            name in ``env_cfg.tasks``: before any task runs).
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     episodes = int(eval_cfg.episodes)
     if episodes < 1:
         raise ConfigError(f"eval.episodes={episodes}: nothing to evaluate; use 1 or more episodes")
-    max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
     obs_spec = getattr(policy, "obs_spec", None)
-    n_slots = min(int(eval_cfg.num_envs), episodes)
     expert = ExpertPolicy() if isinstance(policy, str) and policy == "expert" else None
     expert = policy if runs_in_worker(policy) else expert
     options = {
@@ -112,47 +209,51 @@ def evaluate(
         raise EnvError(
             f"--policy expert needs a task of this suite; env.type=gym ({env_cfg.gym_id}) has none"
         )
-    pool = make_pool(env_cfg, eval_cfg, max_steps, n_slots, options)
-    try:
-        spec = pool.start()
-        policy = _resolve_policy(policy, spec, env_cfg, eval_cfg.seed)
-        check_policy(policy, spec, _env_name(env_cfg))
-        setup_s = time.perf_counter() - start
-        out = Rollout(
-            pool, policy, episodes, eval_cfg.seed, n_slots, eval_cfg.replan_every, eval_cfg.temporal_ensemble,
-            eval_cfg.video if out_dir is not None else 0,
-        ).run()  # fmt: skip
-    finally:
-        pool.close()
+    several = bool(getattr(env_cfg, "tasks", None))
+    if several:  # a bad name fails now, not after the tasks before it ran
+        check_tasks(env_cfg)
+    task_cfgs = (
+        [dataclasses.replace(env_cfg, task=t, tasks=[]) for t in env_cfg.tasks] if several else [env_cfg]
+    )
+    n_videos = eval_cfg.video if out_dir is not None else 0
+    runs = [
+        _run_task(policy, cfg, eval_cfg, k * episodes, n_videos, options) for k, cfg in enumerate(task_cfgs)
+    ]
     wall = time.perf_counter() - start
+    all_episodes = [ep for run in runs for ep in run.out.episodes]  # indices ascend task by task
     videos = []
     if out_dir is not None:
-        for ep in out.episodes:
-            if ep.index in out.videos:
-                ep.video = str(write_video(Path(out_dir) / "videos", ep.index, ep.success, ep.instruction,
-                                           out.videos[ep.index]))  # fmt: skip
-                videos.append(ep.video)
-    scores = aggregate(out.episodes)
-    policy_name = policy if isinstance(policy, str) else type(policy).__name__
+        for run in runs:
+            for ep in run.out.episodes:
+                if ep.index in run.out.videos:
+                    ep.video = str(write_video(Path(out_dir) / "videos", ep.index, ep.success, ep.instruction,
+                                               run.out.videos[ep.index]))  # fmt: skip
+                    videos.append(ep.video)
+    scores = aggregate(all_episodes)
+    resolved = runs[-1].policy
+    policy_name = resolved if isinstance(resolved, str) else type(resolved).__name__
+    limits = {run.task: run.spec["max_steps"] for run in runs} if len(runs) > 1 else runs[0].spec["max_steps"]
+    setup_s = sum(run.setup_s for run in runs)
     report = {
         "overall": scores["overall"].to_dict(),
         "per_task": {k: v.to_dict() for k, v in scores["per_task"].items()},
         "per_instruction": {k: v.to_dict() for k, v in scores["per_instruction"].items()},
-        "episodes": [e.to_dict() for e in out.episodes],
+        "episodes": [e.to_dict() for e in all_episodes],
         "manifest": build_manifest(
-            env_cfg, eval_cfg, episodes, policy_name, obs_spec, ckpt, spec["max_steps"]
+            env_cfg, eval_cfg, episodes, policy_name, obs_spec, ckpt, limits, [run.task for run in runs]
         ),
         "timing": {
             "wall_s": wall,
-            "setup_s": setup_s,
+            "setup_s": setup_s,  # every task's pool start and policy check
             "rollout_s": wall - setup_s,
-            "policy_s": out.policy_s,
+            "policy_s": sum(run.out.policy_s for run in runs),
             "main_cpu_s": time.process_time() - cpu_start,  # this process: inference, batching, pipes
-            "episodes_per_min": 60.0 * episodes / max(wall - setup_s, 1e-9),
-            "workers": pool.n_workers,
-            "worker_restarts": out.restarts,
-            "backend": pool.backend,
-            "nodes": sorted({e.node for e in out.episodes if e.node is not None}),
+            "episodes_per_min": 60.0 * len(all_episodes) / max(wall - setup_s, 1e-9),
+            "per_task_s": {run.task: run.wall_s for run in runs},
+            "workers": runs[0].workers,
+            "worker_restarts": sum(run.out.restarts for run in runs),
+            "backend": runs[0].backend,
+            "nodes": sorted({e.node for e in all_episodes if e.node is not None}),
         },
     }
     if out_dir is not None:
@@ -160,5 +261,5 @@ def evaluate(
     log_wandb(report, videos, step=step)
     overall = scores["overall"]
     return EvalResult(
-        overall.success_rate, overall.ci95, out.episodes, report, Path(out_dir) if out_dir else None, videos
+        overall.success_rate, overall.ci95, all_episodes, report, Path(out_dir) if out_dir else None, videos
     )

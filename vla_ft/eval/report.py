@@ -85,14 +85,19 @@ def build_manifest(
     policy_name: str,
     obs_spec: Any,
     ckpt: str | Path | None,
-    max_steps: int | None = None,
+    max_steps: int | dict[str, int] | None = None,
+    tasks: list[str] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to rerun this evaluation and get the same episodes.
 
-    ``max_steps`` is the limit the env applied (the workers report it); None falls back to the config.
+    ``max_steps`` is the limit the env applied (the workers report it; with several tasks a dict
+    task -> limit, as tasks differ); None falls back to the config. ``tasks``: what was scored, in
+    order (None: ``env.task`` or the gym id); ``episodes`` and ``seeds`` are per task.
     """
     if max_steps is None:
         max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
+    if tasks is None:
+        tasks = [env_cfg.gym_id if env_cfg.type == "gym" else env_cfg.task]
     return {
         "versions": package_versions(),
         "git_commit": git_commit(),
@@ -100,7 +105,8 @@ def build_manifest(
         "policy": policy_name,
         "checkpoint": str(ckpt) if ckpt is not None else None,
         "checkpoint_sha256": checkpoint_hash(ckpt),
-        "episodes": episodes,
+        "tasks": list(tasks),
+        "episodes": episodes,  # of each task
         "seed": eval_cfg.seed,
         "seeds": [eval_cfg.seed, eval_cfg.seed + episodes - 1],  # episode i: seed + i (inclusive range)
         "max_steps": max_steps,
@@ -128,16 +134,34 @@ def _row(name: str, g: dict[str, Any]) -> str:
     )
 
 
+def _goal_sets(env: dict[str, Any]) -> str:
+    """``, goals held_out, instructions paraphrase`` for the sets that are not the default (else "")."""
+    parts = [
+        f"{key} {env[key]}"
+        for key, default in (("goals", "all"), ("instructions", "train"))
+        if env.get(key, default) != default
+    ]
+    return "".join(f", {p}" for p in parts)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """``eval.md``: overall, per-task and per-instruction tables."""
     head = "| group | successes | rate | 95% CI (Wilson) | mean steps to success | failures |"
     sep = "|---|---|---|---|---|---|"
     m = report["manifest"]
+    tasks = m.get("tasks") or []
+    episodes = f"{m['episodes']} episodes"
+    if len(tasks) > 1:
+        episodes += f" of each of {len(tasks)} tasks ({', '.join(tasks)}; {len(report['episodes'])} in all)"
+    limits = m["max_steps"]
+    if isinstance(limits, dict):
+        limits = ", ".join(f"{task} {n}" for task, n in limits.items())
     lines = [
         f"# Evaluation: {m['policy']}",
         "",
-        f"{m['episodes']} episodes, seeds {m['seeds'][0]}..{m['seeds'][1]}, max_steps {m['max_steps']}, "
-        f"image {m['image_size']} px, commit {m['git_commit']}, checkpoint sha256 {m['checkpoint_sha256']}",
+        f"{episodes}, seeds {m['seeds'][0]}..{m['seeds'][1]}, max_steps {limits}, "
+        f"image {m['image_size']} px, commit {m['git_commit']}, checkpoint sha256 {m['checkpoint_sha256']}"
+        + _goal_sets(m.get("env") or {}),
         "",
         head,
         sep,

@@ -1,7 +1,8 @@
 """The evaluation loop: deterministic episode scheduling over worker slots, batched inference.
 
-Episode ``i`` resets with seed ``eval.seed + i``. Free slots are filled in slot order with the
-lowest pending episode numbers, and every round (reset free slots -> one batched
+Episode ``i`` resets with seed ``eval.seed + i`` (numbered ``first_index + i`` for the tasks after
+the first of a multi-task evaluation). Free slots are filled in slot order with the lowest pending
+episode numbers, and every round (reset free slots -> one batched
 ``predict_action`` over the active slots in slot order -> every worker executes its chunks) runs
 in lockstep. The schedule therefore depends only on ``eval.num_envs`` and the episodes'
 outcomes, never on the worker count or on timing, so per-episode results are identical for 1 or
@@ -88,11 +89,13 @@ class Rollout:
         pool: started worker pool (``vla_ft.eval.pool.make_pool``).
         policy: the policy (or an in-worker :class:`ExpertPolicy`).
         episodes: number of episodes.
-        seed: episode ``i`` uses reset seed ``seed + i``.
+        seed: episode ``first_index + i`` uses reset seed ``seed + i``.
         n_slots: concurrent episodes.
         replan_every: actions executed open-loop per prediction (None: the whole chunk).
         temporal_ensemble: ensembling weight (None: off); replans at every step when set.
         videos: frames kept for this many successes and this many failures.
+        first_index: the number of the first episode; a multi-task evaluation numbers each task's
+            episodes after the previous task's so that indices (and video names) stay unique.
     """
 
     def __init__(
@@ -105,11 +108,12 @@ class Rollout:
         replan_every: int | None,
         temporal_ensemble: float | None,
         videos: int,
+        first_index: int = 0,
     ) -> None:
         self.pool, self.policy = pool, policy
-        self.seed, self.n_slots = seed, n_slots
+        self.seed, self.first_index, self.n_slots = seed, first_index, n_slots
         self.replan_every, self.temporal_ensemble = replan_every, temporal_ensemble
-        self.pending = list(range(episodes))[::-1]  # pop() gives the lowest number
+        self.pending = list(range(first_index, first_index + episodes))[::-1]  # pop(): the lowest
         self.active: dict[int, _Active] = {}
         self.results: dict[int, EpisodeResult] = {}
         self.keeper = _VideoKeeper(videos)
@@ -145,10 +149,9 @@ class Rollout:
         for slot in range(self.n_slots):
             if slot not in self.active and self.pending:
                 idx = self.pending.pop()
-                self.active[slot] = _Active(
-                    idx, self.seed + idx, node=self.pool.node_of(self.pool.worker_of(slot))
-                )
-                todo[slot] = (slot, idx, self.seed + idx, self.keeper.may_keep(idx))
+                seed = self.seed + idx - self.first_index
+                self.active[slot] = _Active(idx, seed, node=self.pool.node_of(self.pool.worker_of(slot)))
+                todo[slot] = (slot, idx, seed, self.keeper.may_keep(idx))
         if not todo:
             return
         replies, lost = self.pool.request({w: ("reset", v) for w, v in self._by_worker(todo).items()})

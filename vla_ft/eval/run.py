@@ -32,7 +32,7 @@ def default_out_dir(cfg: Any, ckpt: str | Path | None, policy: str) -> Path:
 
 
 def summary(result: EvalResult) -> str:
-    """A few lines for the console."""
+    """A few lines for the console: overall, then one line per task (rate, Wilson interval, events)."""
     o = result.report["overall"]
     lo, hi = o["ci95"]
     lines = [
@@ -40,10 +40,11 @@ def summary(result: EvalResult) -> str:
         f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%), failures {o['failure_reasons'] or '-'}",
     ]
     for task, g in result.report["per_task"].items():
+        lo, hi = g["ci95"]
         events = ", ".join(f"{name} {n}" for name, n in (g.get("events") or {}).items())
         lines.append(
-            f"  {task}: {100 * g['success_rate']:.1f}% of {g['episodes']}"
-            + (f" | {events}" if events else "")
+            f"  {task}: {g['successes']}/{g['episodes']} = {100 * g['success_rate']:.1f}% "
+            f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%)" + (f" | {events}" if events else "")
         )
     if result.out_dir is not None:
         lines.append(f"report: {result.out_dir / 'eval.md'}")

@@ -24,9 +24,10 @@ class EpisodeResult:
     """The outcome of one evaluation episode.
 
     Attributes:
-        index: episode number in ``0 .. episodes-1``; it fixes the reset seed.
-        seed: the seed given to ``env.reset(seed=...)`` (``eval.seed + index``).
-        task: task name.
+        index: episode number in ``0 .. episodes-1``; it fixes the reset seed. With several tasks
+            (``env.tasks``) task ``k``'s episode ``i`` is number ``k * episodes + i``.
+        seed: the seed given to ``env.reset(seed=...)`` (``eval.seed + i``: the same seeds for every task).
+        task: task name (an episode lost before its reset replied: the task its pool ran).
         instruction: the language instruction the policy received ("" if unknown, e.g. a crash
             before reset finished).
         success: True when the task's success predicate held.

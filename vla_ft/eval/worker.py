@@ -56,6 +56,8 @@ def make_env(env_cfg: Any, max_steps: int | None, render: bool = True) -> Any:
         cameras=tuple(env_cfg.cameras),
         max_steps=max_steps,
         render=render,
+        goals=env_cfg.goals,
+        instructions=env_cfg.instructions,
     )
 
 

@@ -96,8 +96,10 @@ def _markdown(card: dict[str, Any]) -> str:
     ]
     if ev:
         lo, hi = ev.get("ci95_low"), ev.get("ci95_high")
+        env = card["config"]["env"]
+        scored = ", ".join(env.get("tasks") or [env["task"]])  # env.tasks: every task, in one evaluation
         lines.append(
-            f"- Simulation ({card['config']['env']['task']}, {ev.get('episodes')} held-out episodes, "
+            f"- Simulation ({scored}, {ev.get('episodes')} held-out episodes, "
             f"seeds from {card['config']['eval']['seed']}): success {_pct(ev.get('success_rate'))} "
             f"(95% CI {_pct(lo)}-{_pct(hi)})"
         )

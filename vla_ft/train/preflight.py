@@ -152,18 +152,11 @@ def check_gym_id(gym_id: str) -> None:
 
 
 def check_env_names(env_cfg: Any) -> None:
-    """The task or gymnasium id the run will be scored on exists (the env itself is not built)."""
+    """The task(s) (``env.task``, or every name in ``env.tasks``) or gymnasium id the run will be
+    scored on exist, and each task has the goal set ``env.goals`` asks for (no env is built)."""
     if env_cfg.type == "gym":
         check_gym_id(env_cfg.gym_id)
         return
-    from envs.registry import list_tasks
+    from vla_ft.eval.evaluate import check_tasks
 
-    if env_cfg.task not in list_tasks():
-        import difflib
-
-        close = difflib.get_close_matches(env_cfg.task, list_tasks(), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise EnvError(
-            f"env.task={env_cfg.task!r} is not a task of this suite; {hint}valid tasks: "
-            f"{', '.join(list_tasks())} (or env.type=gym with env.gym_id)"
-        )
+    check_tasks(env_cfg)
