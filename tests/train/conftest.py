@@ -101,3 +101,35 @@ def tiny_cfg(reach_file, tmp_path):
         return load_config("pick_place.yaml", tiny_overrides(reach_file, tmp_path / "runs", **extra))
 
     return make
+
+
+@pytest.fixture
+def resume_check(tiny_cfg):
+    """``resume_check(**common)``: train 6 steps straight, then again resumed from the step-3
+    checkpoint (``train.resume`` given as the checkpoint path): steps 4-6 must log the same losses and
+    ``last`` hold the same (EMA) weights. ``common`` must save every 3 steps and train
+    deterministically."""
+    return lambda **common: _assert_resume_matches_uninterrupted(tiny_cfg, **common)
+
+
+def _assert_resume_matches_uninterrupted(tiny_cfg, **common) -> None:
+    import torch
+
+    from vla_ft.models import VLAPolicy
+    from vla_ft.train.finetune import run_finetune
+    from vla_ft.train.logging import read_metrics
+
+    def losses(run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["split"] == "train"}
+
+    full = run_finetune(tiny_cfg(**common, **{"train.run_name": "a"}))
+    ckpt = full.run_dir / "checkpoints" / "step_0000003"
+    resumed = run_finetune(tiny_cfg(**common, **{"train.run_name": "b", "train.resume": str(ckpt)}))
+    a, b = losses(full.run_dir), losses(resumed.run_dir)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7)
+    ema_a = VLAPolicy.from_pretrained(full.run_dir / "last").state_dict()
+    ema_b = VLAPolicy.from_pretrained(resumed.run_dir / "last").state_dict()
+    for name, value in ema_a.items():
+        torch.testing.assert_close(ema_b[name], value, msg=name)
