@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision builds that lie on this project's machines' disk (pip takes them from there).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# robosuite without its declared dependencies (pyproject.toml's robosuite extra says why)
+ROBOSUITE_SPEC ?= robosuite==1.5.2
 STAMP := $(VENV)/.vla-ft-installed
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
@@ -20,7 +22,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev,lora,metaworld,lowmem,ray]'
+	$(PY) -m pip install -q -e '.[dev,lora,metaworld,lowmem,ray,robosuite]'
+	$(PY) -m pip install -q --no-deps $(ROBOSUITE_SPEC)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -11,6 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# Importing triton (torch._dynamo imports it; torchao and torch.compile do) after a MuJoCo EGL
+# context existed in the same process segfaults (docs/traps.md). Tests render in-process (envs/,
+# robosuite) and later ones compile or use torchao, in whatever order pytest picks: load it first.
+import torch._dynamo  # noqa: E402,F401
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

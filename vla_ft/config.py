@@ -184,10 +184,11 @@ class EnvConfig:
 
     ``type: vla_ft`` uses this project's MuJoCo suite (``task`` names a registered task, ``tasks``
     several, scored together); ``type: gym`` wraps any registered gymnasium id (``gym_id``) with the
-    key mapping below.
+    key mapping below; ``type: robosuite`` rebuilds a robosuite env from the dataset's ``env_args``
+    (vla_ft/eval/robosuite_env.py, docs/robosuite.md).
     """
 
-    type: Literal["vla_ft", "gym"] = "vla_ft"
+    type: Literal["vla_ft", "gym", "robosuite"] = "vla_ft"
     task: str = "pick_place"
     # several tasks of this suite scored by one evaluation (type vla_ft): eval.episodes of each, every
     # task on the same reset seeds, one report with a per-task table; empty: env.task alone
@@ -209,6 +210,15 @@ class EnvConfig:
     flip_images: bool = False
     instruction: str | None = None
     success_key: str = "is_success"
+    # robosuite env name, e.g. Lift, PickPlaceCan (type: robosuite; null: the dataset's env_args.env_name)
+    env_name: str | None = None
+    # fields overriding the dataset's env_args.env_kwargs (robosuite.make keyword arguments)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the HDF5 file whose data.attrs["env_args"] describe the robosuite env (null: data.paths[0])
+    env_args_from: str | None = None
+    # robosuite rendering without shadows, reflections, skybox and multisampling (~3x faster on CPU);
+    # null: what the dataset's env_args say (collection: false). Demos and evaluation must agree.
+    fast_render: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 8, "env.image_size", self.image_size, "use at least 8 px")
@@ -218,12 +228,14 @@ class EnvConfig:
         _check(dup is None, "env.tasks", self.tasks, f"name each task once ({dup!r} is there twice)")
         if self.type == "gym":
             _check(bool(self.gym_id), "env.gym_id", self.gym_id, "set the gymnasium id for env.type=gym")
+        if self.type != "vla_ft":
+            what = f"env.type=gym ({self.gym_id})" if self.type == "gym" else "env.type=robosuite"
             _check(
                 not self.tasks,
                 "env.tasks",
                 self.tasks,
-                f"it names tasks of this suite, which env.type=gym ({self.gym_id}) does not have: use "
-                "env.tasks=[] (one gymnasium id per evaluation), or env.type=vla_ft",
+                f"it names tasks of this suite, which {what} does not have: use "
+                "env.tasks=[] (one env per evaluation), or env.type=vla_ft",
             )
             changed = [
                 f"env.{key}={getattr(self, key)!r}"
@@ -233,7 +245,7 @@ class EnvConfig:
             if changed:
                 raise ConfigError(
                     f"{' and '.join(changed)} select goals and wordings of this suite's tasks, which "
-                    f"env.type=gym ({self.gym_id}) does not have: use env.goals=all and env.instructions=train, "
+                    f"{what} does not have: use env.goals=all and env.instructions=train, "
                     f"or env.type=vla_ft"
                 )
 
@@ -613,6 +625,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.env.type == "robosuite" and self.env.env_args_from is None:
+            # evaluation workers see only the env section: name the file its env is rebuilt from
+            self.env.env_args_from = self.data.paths[0]
 
 
 # --------------------------------------------------------------------------------------------

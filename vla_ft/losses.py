@@ -146,6 +146,8 @@ TASK_TERMS: dict[str, Callable[[dict[str, Tensor], dict[str, Tensor], float], Te
     "waypoint": waypoint_loss,
     "grounding": grounding_loss,
 }
+# batch keys a term reads besides the model outputs (labels some datasets do not have)
+TERM_LABELS = {"grounding": (K.TARGET_UV,)}
 
 
 class ActionTaskLoss(nn.Module):
@@ -227,6 +229,8 @@ class ActionTaskLoss(nn.Module):
         l_action, per_dim = self.action_loss(outputs, batch)
         l_task = l_action.new_zeros(())
         for name, weight in self.cfg.task_terms.items():
+            if weight == 0 and any(k not in batch for k in TERM_LABELS.get(name, ())):
+                continue  # a weight-0 term is only logged: skip it where the data has no labels for it
             term = TASK_TERMS[name](outputs, batch, self.cfg.label_smoothing)
             metrics[f"loss/task_{name}"] = term.detach()
             l_task = l_task + weight * term

@@ -207,10 +207,16 @@ def test_missing_and_unexpected_tensors_are_named(tiny_ckpt, tmp_path):
         VLAPolicy.from_pretrained(bad)
 
 
-def test_other_action_dim_is_an_error(tiny_ckpt):
-    cfg = ModelConfig(pretrained=str(tiny_ckpt))
-    with pytest.raises(CheckpointError, match="action_dim=4 but the data has action_dim=7"):
-        load_vla(cfg, make_info(action_dim=7))
+def test_another_action_space_starts_a_fresh_action_head(tiny_ckpt, caplog):
+    """Fine-tuning a base on another robot's actions (4-D -> 7-D) keeps every tensor that reads images,
+    state and language and re-initializes the action head's output layer, with a warning."""
+    base = VLAPolicy.from_pretrained(tiny_ckpt)
+    with caplog.at_level(logging.WARNING):
+        policy = load_vla(ModelConfig(pretrained=str(tiny_ckpt)), make_info(action_dim=7))
+    assert "4-D actions, the data has 7-D" in caplog.text and "action_head" in caplog.text
+    out = policy(make_batch(make_info(action_dim=7)))
+    assert out[C.OUT_ACTION].shape[-1] == 7
+    assert torch.equal(policy.backbone.language.model.norm.weight, base.backbone.language.model.norm.weight)
 
 
 def test_other_task_count_and_chunk_reinitialize_heads(tiny_ckpt, caplog):

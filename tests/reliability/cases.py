@@ -255,17 +255,6 @@ def ckpt_manifest_garbage(b: Base) -> Run:
     return Run(["manifest.json", "re-copy"], {"model.pretrained": str(path)})
 
 
-@case("checkpoint", "a checkpoint for another action space")
-def ckpt_other_action_dim(b: Base) -> Run:
-    data = b.root / "inputs" / "seven_dof.hdf5"
-    write_reach_file(data, demos=4, steps=8)
-    with h5py.File(data, "r+") as h5:
-        for name in h5["data"]:
-            acts = h5[f"data/{name}/actions"][()]
-            replace(h5, f"data/{name}/actions", np.concatenate([acts, acts[:, :3]], axis=1))
-    return Run(["action_dim=4", "action_dim=7"], {"model.pretrained": str(b.ckpt), "data.paths": f"[{data}]"})
-
-
 @case("checkpoint", "train.resume naming a directory that is not a checkpoint")
 def resume_not_a_checkpoint(b: Base) -> Run:
     path = b.root / "inputs" / "empty_dir"
@@ -558,15 +547,75 @@ def env_gym_module_missing(b: Base) -> Run:
     )
 
 
-@case("env", "a namespaced gym id without its module says which prefix to write")
+@case("env", "a gym namespace no module registers says which module: prefix to write")
 def env_gym_namespace(b: Base) -> Run:
-    over = {"env.type": "gym", "env.gym_id": "Meta-World/MT1", "eval.episodes": 2}
-    return Run(["env.gym_id", "metaworld:Meta-World/MT1"], over)
+    over = {"env.type": "gym", "env.gym_id": "No-Such-Suite/Thing-v0", "eval.episodes": 2}
+    return Run(["env.gym_id", "<module>:No-Such-Suite/Thing-v0"], over)
 
 
 @case("env", "a gym id that is not registered")
 def env_gym_unknown(b: Base) -> Run:
     return Run(["env.gym_id", "CartPol"], {"env.type": "gym", "env.gym_id": "CartPol-v1", "eval.episodes": 2})
+
+
+# The env check (vla_ft/eval/env_check.py): one env built as a worker builds it, compared with the
+# data. The base file: 32 px agentview + wrist images, ee_pos (3) + gripper_qpos (2), 4-D actions.
+ENV_OK = {"eval.episodes": 2, "env.image_size": 32}
+
+
+@case("env", "the env lacks a camera the data has")
+def env_missing_camera(b: Base) -> Run:
+    return Run(["'wrist_image'", "env.cameras"], {**ENV_OK, "env.cameras": "[agentview]"})
+
+
+@case("env", "the env's images have another aspect ratio than the data's")
+def env_image_aspect(b: Base) -> Run:
+    def widen(h5: h5py.File) -> None:  # 32x32 -> 32x48 (H x W)
+        for name in list(h5["data"]):
+            for key in ("agentview_image", "wrist_image"):
+                where = f"data/{name}/obs/{key}"
+                replace(h5, where, np.pad(h5[where][()], ((0, 0), (0, 0), (8, 8), (0, 0))))
+
+    path = mutate_h5(b, "wide.hdf5", widen)
+    return Run(["'agentview_image'", "32x32", "32x48", "stretched"], {**ENV_OK, "data.paths": f"[{path}]"})
+
+
+@case("env", "a state key with another number of values than the data's")
+def env_state_dim(b: Base) -> Run:
+    def grow(h5: h5py.File) -> None:  # gripper_qpos: 2 -> 7 values
+        for name in list(h5["data"]):
+            where = f"data/{name}/obs/gripper_qpos"
+            replace(h5, where, np.tile(h5[where][()], (1, 4))[:, :7])
+
+    path = mutate_h5(b, "state7.hdf5", grow)
+    return Run(
+        ["'gripper_qpos' has 2 values", "has 7", "data.state_keys"], {**ENV_OK, "data.paths": f"[{path}]"}
+    )
+
+
+@case("env", "the env's action dimension differs from the data's")
+def env_action_dim(b: Base) -> Run:
+    def seven(h5: h5py.File) -> None:
+        for name in list(h5["data"]):
+            acts = h5[f"data/{name}/actions"][()]
+            replace(h5, f"data/{name}/actions", np.concatenate([acts, acts[:, :3]], axis=1))
+
+    path = mutate_h5(b, "actions7.hdf5", seven)
+    return Run(["4-dim actions", "have 7 dims", "env.task"], {**ENV_OK, "data.paths": f"[{path}]"})
+
+
+@case("env", "a gym id whose env cannot be made with the given kwargs")
+def env_gym_build_fails(b: Base) -> Run:
+    over = {**ENV_OK, "env.type": "gym", "env.gym_id": "CartPole-v1", "env.gym_kwargs": "{no_such_kwarg: 1}"}
+    return Run(["env.gym_id='CartPole-v1'", "could not be built", "env.gym_kwargs"], over)
+
+
+@case("env", "evaluate --ckpt in an env without a camera the checkpoint reads")
+def evaluate_env_missing_camera(b: Base) -> Run:
+    out = b.root / "eval_cam_out"
+    argv = ["--cfg", "pick_place.yaml", "--ckpt", str(b.ckpt), "eval.episodes=1", "env.image_size=32",
+            "env.cameras=[agentview]", f"eval.out_dir={out}"]  # fmt: skip
+    return Run(["'wrist_image'", "the checkpoint", "env.cameras"], argv=argv, command="evaluate", out=out)
 
 
 # ----------------------------------------------------------------------------------------- output

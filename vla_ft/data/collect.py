@@ -32,6 +32,7 @@ from vla_ft.data.writer import DemoWriter
 from vla_ft.errors import DataError
 
 TASK_SEED_STRIDE = 1_000_000
+ROBOSUITE = "<robosuite>"  # run_episode's task for env.type=robosuite jobs
 _ENVS: dict[tuple, Any] = {}  # per-process env cache (worker processes keep their envs)
 
 
@@ -59,13 +60,22 @@ def run_episode(job: tuple) -> dict[str, Any]:
 
     task, seed, noise, image_size, cameras, max_steps, post = job[:7]
     goals = job[7] if len(job) > 7 else "all"
-    key = (task, image_size, tuple(cameras), max_steps, goals)
-    if key not in _ENVS:
-        _ENVS[key] = envs.make(
-            task, image_size=image_size, cameras=tuple(cameras), max_steps=max_steps, goals=goals
-        )
-    env = _ENVS[key]
-    expert = envs.make_expert(env, noise=noise, seed=seed)
+    if task == ROBOSUITE:  # job[3] is then the env_args JSON (vla_ft/eval/robosuite_env.py)
+        key = (task, image_size, max_steps)
+        if key not in _ENVS:
+            from vla_ft.eval.robosuite_env import RobosuiteEnv
+
+            _ENVS[key] = RobosuiteEnv(json.loads(image_size), max_steps=max_steps)
+        env = _ENVS[key]
+        expert = env.scripted_expert(noise=noise, seed=seed)
+    else:
+        key = (task, image_size, tuple(cameras), max_steps, goals)
+        if key not in _ENVS:
+            _ENVS[key] = envs.make(
+                task, image_size=image_size, cameras=tuple(cameras), max_steps=max_steps, goals=goals
+            )
+        env = _ENVS[key]
+        expert = envs.make_expert(env, noise=noise, seed=seed)
     obs, info = env.reset(seed=seed)
     expert.reset()
     frames: dict[str, list] = {k: [] for k in obs}
@@ -99,8 +109,10 @@ def run_episode(job: tuple) -> dict[str, Any]:
         "success": bool(outcome["is_success"]) and not info["physics_error"],
         "physics_error": bool(info["physics_error"]),
         "instruction": info["instruction"],
-        "task": task,
+        "task": info.get("task", task),
         "seed": int(seed),
+        # per-demo attributes the env adds (robosuite: the MuJoCo XML robomimic's playback resets to)
+        "attrs": env.demo_attrs() if hasattr(env, "demo_attrs") else {},
     }
 
 
@@ -140,23 +152,36 @@ def _results(jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
                 fut.cancel()
 
 
-def _collect_task(task: str, cfg: Config, writer: DemoWriter, instructions: list[str]) -> int:
-    """Write ``cfg.collect.episodes`` episodes of ``task`` (appending to ``instructions``); returns attempts."""
+def _collect_task(
+    task: str, cfg: Config, writer: DemoWriter, instructions: list[str], env_args: dict | None = None
+) -> int:
+    """Write ``cfg.collect.episodes`` episodes of ``task`` (appending to ``instructions``); returns attempts.
+
+    With ``env_args`` (env.type=robosuite) the episodes run in that robosuite env, attempt ``i`` on
+    seed ``collect.seed + i``.
+    """
     c, e = cfg.collect, cfg.env
     attempts = math.ceil(c.episodes * c.max_attempts_factor)
-    jobs = [
-        (
-            task,
-            episode_seed(c.seed, task, i),
-            c.action_noise,
-            e.image_size,
-            tuple(e.cameras),
-            e.max_steps,
-            c.post_success_steps,
-            c.goals,
-        )
-        for i in range(attempts)
-    ]
+    if env_args is not None:
+        spec = json.dumps(env_args)
+        jobs = [
+            (ROBOSUITE, c.seed + i, c.action_noise, spec, (), e.max_steps, c.post_success_steps)
+            for i in range(attempts)
+        ]
+    else:
+        jobs = [
+            (
+                task,
+                episode_seed(c.seed, task, i),
+                c.action_noise,
+                e.image_size,
+                tuple(e.cameras),
+                e.max_steps,
+                c.post_success_steps,
+                c.goals,
+            )
+            for i in range(attempts)
+        ]
     kept = tried = 0
     with tqdm(total=c.episodes, desc=f"collect {task}", unit="demo") as bar:
         for ep in _results(jobs, min(c.workers, attempts)):
@@ -164,6 +189,7 @@ def _collect_task(task: str, cfg: Config, writer: DemoWriter, instructions: list
             if ep["success"] or c.keep_failures:
                 attrs = {"language_instruction": ep["instruction"], "task": task, "seed": ep["seed"]}
                 attrs["success"] = ep["success"]
+                attrs.update(ep.get("attrs", {}))
                 writer.add_demo(
                     ep["obs"], ep["actions"], ep["rewards"], ep["dones"], ep["states"], attrs, ep["targets"]
                 )
@@ -210,6 +236,16 @@ def warn_stale_env(paths: list[str]) -> list[str]:
 
 
 def _env_args(cfg: Config) -> dict[str, Any]:
+    if cfg.env.type == "robosuite":
+        from vla_ft.eval.robosuite_env import resolve_env_args
+
+        # the file is being written: its env is the config's (env.env_name, env.cameras, ...)
+        return resolve_env_args(cfg.env, None)
+    if cfg.env.type != "vla_ft":
+        raise DataError(
+            f"collection runs this suite's or robosuite's scripted experts; env.type={cfg.env.type} has "
+            "none: record demos with your simulator's tools and point data.paths at them"
+        )
     import envs
     from envs.env import ENV_VERSION
 
@@ -241,7 +277,10 @@ def run_collect(cfg: Config) -> Path:
     writer = DemoWriter(out, env_args, problem)
     instructions: list[str] = []
     with writer:
-        for task in cfg.collect.tasks:
+        if cfg.env.type == "robosuite":
+            problem["tasks"] = [env_args["env_name"]]
+            _collect_task(env_args["env_name"], cfg, writer, instructions, env_args)
+        for task in cfg.collect.tasks if cfg.env.type == "vla_ft" else ():
             _collect_task(task, cfg, writer, instructions)
         problem["language_instruction"] = instructions[0]
         problem["language_instructions"] = sorted(set(instructions))

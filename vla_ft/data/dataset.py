@@ -43,6 +43,7 @@ class DatasetInfo:
     instructions: list[str] | None = None  # distinct instructions (train + val)
     waypoint_key: str | None = None  # state key the WAYPOINT targets come from (None: no targets)
     files_without_targets: list[str] | None = None  # files lacking TARGET_UV labels ([]: all have them)
+    task_instructions: dict[str, list[str]] | None = None  # task name -> its distinct instructions
 
     def obs_spec(self) -> ObsSpec:
         """The ObsSpec the policy uses at inference (same as the dataset's)."""
@@ -231,12 +232,16 @@ def build_trajectory_datasets(
     instructions: list[str] = []
     tasks: list[str] = []
     instruction_of, task_of = {}, {}
+    task_instructions: dict[str, list[str]] = {}
     for f, s in enumerate(scans):
         for d in s.demos:
             for text, table, out in ((d.instruction, instructions, instruction_of), (d.task, tasks, task_of)):
                 if text not in table:
                     table.append(text)
                 out[(f, d.name)] = table.index(text)
+            said = task_instructions.setdefault(d.task, [])
+            if d.instruction not in said:
+                said.append(d.instruction)
     tokens = (
         _tokenize(tokenizer, instructions, data_cfg.instruction_max_tokens) if tokenizer is not None else None
     )
@@ -288,6 +293,7 @@ def build_trajectory_datasets(
         instructions=instructions,
         waypoint_key=wp_key,
         files_without_targets=[s.path for s in scans if not s.has_targets],
+        task_instructions=task_instructions,
     )
     return train, val, info
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from vla_ft.errors import ConfigError, EnvError
+from vla_ft.eval.env_check import EnvSpec, config_name
+from vla_ft.eval.env_match import check_spec, expected_from_policy, fallback_instruction
 from vla_ft.eval.policies import ExpertPolicy, RandomPolicy, check_policy, runs_in_worker
 from vla_ft.eval.pool import make_pool
 from vla_ft.eval.report import build_manifest, log_wandb, write_reports
@@ -55,13 +57,15 @@ class EvalResult:
 
 
 def _env_name(env_cfg: Any) -> str:
+    if env_cfg.type == "robosuite":
+        return env_cfg.env_name or f"robosuite ({env_cfg.env_args_from})"
     return env_cfg.gym_id if env_cfg.type == "gym" else env_cfg.task
 
 
 def task_names(env_cfg: Any) -> list[str]:
     """What one evaluation scores, in order: ``env.tasks``, else ``env.task`` (gym: the id)."""
-    if env_cfg.type == "gym":
-        return [env_cfg.gym_id]
+    if env_cfg.type != "vla_ft":
+        return [_env_name(env_cfg)]
     return list(getattr(env_cfg, "tasks", None) or []) or [env_cfg.task]
 
 
@@ -126,10 +130,16 @@ def _run_task(
         spec = pool.start()
         policy = _resolve_policy(policy, spec, env_cfg, eval_cfg.seed)
         check_policy(policy, spec, _env_name(env_cfg))
+        env = EnvSpec.from_worker(spec, config_name(env_cfg))
+        expected = expected_from_policy(policy)  # None: a policy without dims (random, expert)
+        instruction = None
+        if expected is not None:
+            check_spec(env, expected, env_cfg)  # state dims, image layout: before any rollout
+            instruction = fallback_instruction(env, env_cfg, expected.instructions)
         setup_s = time.perf_counter() - start
         out = Rollout(
             pool, policy, episodes, eval_cfg.seed, n_slots, eval_cfg.replan_every, eval_cfg.temporal_ensemble,
-            videos, first_index=first_index,
+            videos, first_index=first_index, instruction=instruction,
         ).run()  # fmt: skip
     finally:
         pool.close()
@@ -139,7 +149,8 @@ def _run_task(
     task = next((e.task for e in out.episodes if e.task), _env_name(env_cfg))
     for ep in out.episodes:
         ep.task = ep.task or task
-    return _TaskRun(_env_name(env_cfg), out, spec, policy, setup_s, wall, pool.n_workers, pool.backend)
+    # named as it ran: the configured name, with the task the env reported when that differs
+    return _TaskRun(env.label, out, spec, policy, setup_s, wall, pool.n_workers, pool.backend)
 
 
 def _resolve_policy(policy: Any, spec: dict[str, Any], env_cfg: Any, seed: int) -> Any:

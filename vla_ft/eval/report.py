@@ -157,7 +157,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if isinstance(limits, dict):
         limits = ", ".join(f"{task} {n}" for task, n in limits.items())
     lines = [
-        f"# Evaluation: {m['policy']}",
+        f"# Evaluation: {m['policy']}" + (f" on {', '.join(tasks)}" if tasks else ""),
         "",
         f"{episodes}, seeds {m['seeds'][0]}..{m['seeds'][1]}, max_steps {limits}, "
         f"image {m['image_size']} px, commit {m['git_commit']}, checkpoint sha256 {m['checkpoint_sha256']}"

@@ -96,6 +96,8 @@ class Rollout:
         videos: frames kept for this many successes and this many failures.
         first_index: the number of the first episode; a multi-task evaluation numbers each task's
             episodes after the previous task's so that indices (and video names) stay unique.
+        instruction: fed to the policy (and recorded) instead of the env's at every reset; None:
+            the env's (set when the env gives none: ``env_match.fallback_instruction``).
     """
 
     def __init__(
@@ -109,8 +111,9 @@ class Rollout:
         temporal_ensemble: float | None,
         videos: int,
         first_index: int = 0,
+        instruction: str | None = None,
     ) -> None:
-        self.pool, self.policy = pool, policy
+        self.pool, self.policy, self.instruction = pool, policy, instruction
         self.seed, self.first_index, self.n_slots = seed, first_index, n_slots
         self.replan_every, self.temporal_ensemble = replan_every, temporal_ensemble
         self.pending = list(range(first_index, first_index + episodes))[::-1]  # pop(): the lowest
@@ -159,7 +162,7 @@ class Rollout:
         for payload in replies.values():
             for slot, obs, instruction, task in payload:
                 st = self.active[slot]
-                st.obs, st.instruction, st.task = obs, instruction, task
+                st.obs, st.instruction, st.task = obs, self.instruction or instruction, task
 
     def _plan(self, slots: list[int]) -> dict[int, tuple]:
         """One batched prediction for the active slots -> step items by slot."""

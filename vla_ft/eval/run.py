@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from vla_ft.errors import CheckpointError
+from vla_ft.eval.env_check import EnvProbe, eval_max_steps
+from vla_ft.eval.env_match import check_envs, expected_from_policy, fallback_instruction, instruction_warning
 from vla_ft.eval.evaluate import EvalResult, evaluate
+
+
+def _check_dir(ckpt: str | Path) -> None:
+    if not Path(ckpt).is_dir():
+        raise CheckpointError(f"--ckpt {ckpt}: no such checkpoint directory (expected e.g. runs/<run>/best)")
 
 
 def load_policy(ckpt: str | Path) -> Any:
     """A ``VLAPolicy`` from a checkpoint directory, in eval mode."""
     path = Path(ckpt)
-    if not path.is_dir():
-        raise CheckpointError(f"--ckpt {ckpt}: no such checkpoint directory (expected e.g. runs/<run>/best)")
+    _check_dir(path)
     from vla_ft.models import VLAPolicy
 
     policy = VLAPolicy.from_pretrained(path)
@@ -54,6 +61,9 @@ def summary(result: EvalResult) -> str:
 def run_evaluate(cfg: Any, ckpt: str | Path | None = None, policy: str = "checkpoint") -> EvalResult:
     """Score a checkpoint (``policy="checkpoint"``), the scripted expert or a random policy.
 
+    A checkpoint is checked against one instance of the env (every task of ``env.tasks``), built
+    in a spawned process while it loads, before any worker starts (vla_ft/eval/env_check.py).
+
     Args:
         cfg: the whole run config; ``cfg.env`` and ``cfg.eval`` are used.
         ckpt: checkpoint directory (required for ``policy="checkpoint"``).
@@ -67,12 +77,35 @@ def run_evaluate(cfg: Any, ckpt: str | Path | None = None, policy: str = "checkp
             raise CheckpointError(
                 "--ckpt DIR is required to score a checkpoint (or use --policy expert|random)"
             )
-        target: Any = load_policy(ckpt)
+        _check_dir(ckpt)
+        with EnvProbe(cfg.env, eval_max_steps(cfg.env, cfg.eval)) as probe:  # builds while it loads
+            target: Any = load_policy(ckpt)
+            specs = probe.result()
+        for line in check_checkpoint_env(specs, target, cfg.env):
+            print(f"warning: {line}", file=sys.stderr)
     else:
         target = policy
     out_dir = default_out_dir(cfg, ckpt, policy)
     result = evaluate(
         target, cfg.env, cfg.eval, out_dir=out_dir, ckpt=ckpt if policy == "checkpoint" else None
     )
-    print(summary(result))
+    what = Path(ckpt).name if policy == "checkpoint" else f"the {policy} policy"
+    print(f"evaluation of {what} on {', '.join(result.report['manifest']['tasks'])}:\n{summary(result)}")
     return result
+
+
+def check_checkpoint_env(specs: list, policy: Any, env_cfg: Any) -> list[str]:
+    """The env check of an evaluation: every task's env against the checkpoint (keys, state and
+    action dims, image layout), and an instruction for envs that give none. Returns the warnings.
+
+    Raises:
+        VLAFTError: one line naming the mismatch and the fix (vla_ft/eval/env_match.py).
+    """
+    expected = expected_from_policy(policy)
+    if expected is None:
+        return []
+    warnings = check_envs(specs, expected, env_cfg)
+    for spec in specs:  # an env without instructions, and several trained ones to pick from: raises
+        fallback_instruction(spec, env_cfg, expected.instructions)
+    note = instruction_warning(env_cfg, expected.instructions)
+    return warnings + ([note] if note else [])

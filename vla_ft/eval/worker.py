@@ -5,7 +5,8 @@ spawned process (``eval.backend: local``), ``vla_ft.eval.ray_pool`` from a Ray a
 (``eval.backend: ray``). Protocol (every request gets exactly one reply):
 
 * on start: ``("ready", spec)`` with ``action_dim``, ``action_low``/``action_high``, ``obs_keys``,
-  ``max_steps`` (the episode limit in force).
+  ``obs_shapes`` (key -> (shape, dtype)), ``max_steps`` (the episode limit in force) and the
+  ``instruction`` and ``task`` the env reports at a reset.
 * ``("reset", [(slot, index, seed, record), ...])`` -> ``("obs", [(slot, obs, instruction, task), ...])``;
   ``record`` asks for the episode's frames (only episodes that may still get a video).
 * ``("step", [(slot, actions (k, A) | None, k), ...])`` -> ``("obs", [(slot, obs, done), ...])``:
@@ -43,11 +44,18 @@ HARD_STEP_CAP = 10_000  # safety net for envs that never truncate
 
 
 def make_env(env_cfg: Any, max_steps: int | None, render: bool = True) -> Any:
-    """Build the env an ``env`` config section describes (this suite or a gymnasium id)."""
+    """Build the env an ``env`` config section describes (this suite, a gymnasium id or robosuite)."""
     if env_cfg.type == "gym":
         from vla_ft.eval.gym_adapter import GymAdapter
+        from vla_ft.eval.gym_ids import resolve_gym_id
 
+        resolve_gym_id(env_cfg.gym_id)  # imports the module registering the id (e.g. Meta-World/...)
         return GymAdapter(env_cfg, max_steps=max_steps, render=render)
+    if env_cfg.type == "robosuite":
+        from vla_ft.eval.robosuite_env import RobosuiteEnv, resolve_env_args
+
+        args = resolve_env_args(env_cfg, env_cfg.env_args_from)
+        return RobosuiteEnv(args, max_steps=max_steps, render=render, instruction=env_cfg.instruction)
     import envs
 
     return envs.make(
@@ -122,7 +130,9 @@ def _reset(slot: _Slot, index: int, seed: int, record: bool, expert: Any, max_st
     if expert is not None:
         import envs
 
-        slot.expert = envs.make_expert(slot.env, noise=expert.noise, seed=seed)
+        own = getattr(slot.env, "scripted_expert", None)  # robosuite: the env brings its experts
+        maker = own if own is not None else (lambda **kw: envs.make_expert(slot.env, **kw))
+        slot.expert = maker(noise=expert.noise, seed=seed)
         slot.expert.reset()
     instruction = info.get("instruction") or getattr(slot.env.unwrapped, "instruction", "") or ""
     task = info.get("task") or getattr(slot.env.unwrapped, "task", "") or ""
@@ -181,15 +191,19 @@ class EnvHost:
             raise
 
     def spec(self) -> dict[str, Any]:
-        """The ``ready`` payload: action dim and bounds, observation keys, the episode limit."""
+        """The ``ready`` payload: action dim and bounds, observation keys with their shapes and
+        dtypes, the episode limit, and the instruction and task the env reports at a reset."""
         env = next(iter(self.slots.values())).env
-        probe, _ = env.reset(seed=0)
+        probe, info = env.reset(seed=0)
         return {
             "action_dim": int(np.prod(env.action_space.shape)),
             "action_low": np.asarray(env.action_space.low, dtype=np.float32).reshape(-1),
             "action_high": np.asarray(env.action_space.high, dtype=np.float32).reshape(-1),
             "obs_keys": sorted(probe),
+            "obs_shapes": {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in probe.items()},
             "max_steps": _episode_limit(env, self.max_steps),
+            "instruction": str(info.get("instruction") or getattr(env.unwrapped, "instruction", "") or ""),
+            "task": str(info.get("task") or getattr(env.unwrapped, "task", "") or ""),
         }
 
     def handle(self, msg: tuple) -> list:

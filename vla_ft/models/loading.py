@@ -9,7 +9,7 @@ transformers config dicts so no source model is needed to rebuild), ``model.safe
 
 When a checkpoint is loaded with a ``model_cfg``, backbone fields (``ARCH_FIELDS``) come from the
 checkpoint and everything else (head type and bins, dropout, inference options, freeze, bounds) from
-``model_cfg``. With ``info`` given, the action dimension must match; a different task count, chunk
+``model_cfg``. With ``info`` given, a different action dimension (another robot), task count, chunk
 length, camera/history count, state size or action-head shape re-initializes the affected tensors
 with a logged warning (the head adapts to the new task).
 """
@@ -298,7 +298,7 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
     """Load a checkpoint directory (see module docstring for how ``cfg`` and ``info`` apply).
 
     Raises:
-        CheckpointError: missing files, a different action dimension, or tensors that do not match.
+        CheckpointError: missing files, or tensors that do not match.
     """
     from vla_ft.models.smolvla_policy import is_smolvla_dir, load_smolvla_policy
 
@@ -317,9 +317,13 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
     saved_dims = ModelDims(**{**meta["dims"], "image_size": tuple(meta["dims"]["image_size"])})
     dims = saved_dims if info is None else ModelDims.from_info(info)
     if dims.action_dim != saved_dims.action_dim:
-        raise CheckpointError(
-            f"{path}: checkpoint action_dim={saved_dims.action_dim} but the data has action_dim={dims.action_dim}; "
-            "use a checkpoint trained for this action space (or a preset)"
+        # another robot's action space: the action head's output layer is new (re-initialized below,
+        # with the warning), everything that reads images, state and language is kept
+        log.warning(
+            "%s: the checkpoint predicts %d-D actions, the data has %d-D: the action head starts fresh",
+            path,
+            saved_dims.action_dim,
+            dims.action_dim,
         )
     policy = build_policy(cfg, dims, arch=meta["arch"])
     # another action head type than the checkpoint's (e.g. flow on a continuous base): the head's

@@ -35,6 +35,9 @@ class ModelDims:
     history: int = 1
     chunk: int = 4
     task_names: list[str] = field(default_factory=lambda: ["task"])
+    # task name -> the distinct instructions its training demos carry; evaluation feeds one of them
+    # when an env gives no instruction (vla_ft/eval/env_match.py). Empty in older checkpoints.
+    instructions: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def from_info(cls, info: Any) -> ModelDims:
@@ -47,6 +50,7 @@ class ModelDims:
             history=int(info.history),
             chunk=int(info.chunk),
             task_names=list(info.task_names) or ["task"],
+            instructions={t: list(v) for t, v in (getattr(info, "task_instructions", None) or {}).items()},
         )
 
     @property

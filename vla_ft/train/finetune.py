@@ -9,6 +9,7 @@ With ``model.lora.r > 0`` LoRA adapters replace full-parameter training (vla_ft/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,9 @@ import torch
 
 from vla_ft.config import REPO_ROOT, Config, save_config
 from vla_ft.data.lerobot import is_lerobot_path
-from vla_ft.errors import ConfigError, DataError
+from vla_ft.errors import ConfigError, DataError, EnvError
+from vla_ft.eval.env_check import EnvProbe, eval_max_steps
+from vla_ft.eval.env_match import check_envs, expected_from_data, fallback_instruction, instruction_warning
 from vla_ft.train import checkpoint as ckpt_io
 from vla_ft.train.distributed import DistContext, micro_batch_size, setup_distributed
 from vla_ft.train.loop import FitResult, fit
@@ -251,12 +254,43 @@ def check_source(model_cfg: Any) -> None:
 
 def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
     """Resolve and check everything the run names before the first step, reporting every problem
-    at once (vla_ft/train/preflight.py); nothing is written into the run directory yet."""
+    at once (vla_ft/train/preflight.py); nothing is written into the run directory yet.
+
+    When the run evaluates in simulation, rank 0 builds one instance of the env (every task) in a
+    spawned process while the data and the model load, and compares it with them
+    (vla_ft/eval/env_check.py)."""
+    problems = Problems()
+    probe = None
+    if sim_evaluates(cfg):
+        with problems.check() as names:
+            if cfg.env.type != "gym":  # a gym id is imported and made by the env check itself
+                check_env_names(cfg.env)  # cheap, and names the closest task; nothing is built
+        if names.ok and ctx.is_main:
+            probe = EnvProbe(cfg.env, eval_max_steps(cfg.env, cfg.eval))
+    with probe or contextlib.nullcontext():
+        ready, warnings = _check_all(cfg, ctx, run_dir, problems, probe)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return ready
+
+
+def sim_evaluates(cfg: Config) -> bool:
+    """Whether the run evaluates in simulation (a final evaluation, or periodic ones)."""
+    return cfg.eval.episodes > 0 or bool(cfg.train.eval_every)
+
+
+def _missing_data(cfg: Config) -> bool:
+    return any(not Path(p).is_file() and not is_lerobot_path(p) for p in cfg.data.paths)
+
+
+def _check_all(
+    cfg: Config, ctx: DistContext, run_dir: Path, problems: Problems, probe: EnvProbe | None
+) -> tuple[Prepared, list[str]]:
+    """:func:`prepare`'s checks; returns what they resolved and the warnings to print."""
     from vla_ft.data.dataset import build_datasets
     from vla_ft.data.reader import scan_file
     from vla_ft.models import load_tokenizer, load_vla
 
-    problems = Problems()
     for error in config_problems(cfg):
         problems.add(error)
     with problems.check():
@@ -270,14 +304,16 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
         model_cfg = dataclasses.replace(cfg.model, pretrained=source)
         check_source(model_cfg)
         tokenizer = load_tokenizer(model_cfg)
-    if cfg.eval.episodes > 0 or cfg.train.eval_every:
-        with problems.check():
-            check_env_names(cfg.env)
-    data_ok = True
+    data_ok = env_ok = True
     if ctx.is_main:  # collects the demos when missing and allowed (the other ranks wait)
+        if probe is not None and _missing_data(cfg):  # no minutes of collecting for a broken env
+            with problems.check() as built:
+                probe.result()
+            env_ok = built.ok
         with problems.check() as data:
-            ensure_data(cfg)
-        data_ok = data.ok
+            if env_ok:
+                ensure_data(cfg)
+        data_ok = data.ok and env_ok
     if not ctx.broadcast(data_ok):
         problems.raise_if_any()
         raise DataError("rank 0 could not prepare the data (see its error above)")
@@ -303,8 +339,30 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
         with problems.check():
             need = ckpt_io.estimate_checkpoint_bytes(policy, bool(cfg.train.ema))
             check_output_dir(cfg.train.out_dir, need if ctx.is_main else None)
+    warnings: list[str] = []
+    if probe is not None:
+        with problems.check() as env:
+            warnings = _env_problems(cfg, probe, info, scans)
+        env_ok = env.ok
+    if not ctx.broadcast(env_ok):  # rank 0 alone checked the env
+        problems.raise_if_any()
+        raise EnvError("rank 0's environment check failed (see its error above)")
     problems.raise_if_any()
-    return Prepared(resume_ckpt, train_ds, val_ds, info, policy)
+    return Prepared(resume_ckpt, train_ds, val_ds, info, policy), warnings
+
+
+def _env_problems(cfg: Config, probe: EnvProbe, info: Any, scans: list) -> list[str]:
+    """The env check's result against the data (when it loaded): raises the first mismatch, returns
+    the warnings (an image size resized differently than at training, an unknown instruction)."""
+    specs = probe.result()
+    if info is None or not scans:  # the data failed its own checks: the env was built, that is all
+        return []
+    warnings = check_envs(specs, expected_from_data(info, scans[0]), cfg.env)
+    instructions = info.task_instructions or {}
+    for spec in specs:  # an env without instructions needs one from the data: fail now, not after training
+        fallback_instruction(spec, cfg.env, instructions)
+    note = instruction_warning(cfg.env, instructions)
+    return warnings + ([note] if note else [])
 
 
 def _policy_problems(cfg: Config, policy: torch.nn.Module) -> list[ConfigError]:

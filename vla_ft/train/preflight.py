@@ -28,9 +28,6 @@ from vla_ft.config import REPO_ROOT
 from vla_ft.errors import ConfigError, EnvError, VLAFTError
 from vla_ft.train.checkpoint import human_bytes
 
-# gymnasium namespaces and the module whose import registers them
-GYM_NAMESPACES = {"Meta-World": "metaworld", "ALE": "ale_py", "MiniGrid": "minigrid", "BabyAI": "minigrid"}
-
 
 class PreflightError(VLAFTError):
     """Several problems found before training; the message lists each on its own line."""
@@ -104,51 +101,36 @@ def check_output_dir(out_dir: str | Path, need_bytes: int | None = None) -> None
 # Run in a fresh interpreter, as a spawned evaluation worker starts: an id registered in this
 # process by an earlier import (metaworld imported by the user's script, say) is not there.
 _PROBE = """
-import importlib, sys
-import gymnasium as gym
-module, _, env_id = sys.argv[1].rpartition(":")
+import sys
 try:
     import envs  # this suite's vla_ft/... ids, registered as in a worker
 except Exception:
     pass
-if module:
-    try:
-        importlib.import_module(module)
-    except Exception as exc:
-        print(f"{type(exc).__name__}: {exc}".splitlines()[0])
-        sys.exit(3)
+from vla_ft.errors import VLAFTError
+from vla_ft.eval.gym_ids import resolve_gym_id
 try:
-    gym.spec(env_id)
-except Exception as exc:
+    resolve_gym_id(sys.argv[1])
+except VLAFTError as exc:
     print(str(exc).splitlines()[0])
-    sys.exit(4)
+    sys.exit(3)
 """
 
 
 def check_gym_id(gym_id: str) -> None:
-    """A gymnasium id that :func:`gymnasium.make` will find in every evaluation worker (checked in
-    a fresh interpreter, about a second)."""
-    module, _, env_id = gym_id.rpartition(":")
+    """A gymnasium id that :func:`gymnasium.make` will find in every evaluation worker: the module
+    of its ``module:`` prefix or of its namespace imported as a worker imports it
+    (:func:`vla_ft.eval.gym_ids.resolve_gym_id`), checked in a fresh interpreter (about a second).
+    Building the env is the env check's (vla_ft/eval/env_check.py)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     probe = subprocess.run(
         [sys.executable, "-c", _PROBE, gym_id], capture_output=True, text=True, env=env, timeout=300
     )
-    reason = (probe.stdout.strip().splitlines() or [probe.stderr.strip()[-200:]])[-1]
+    if probe.returncode == 0:
+        return
     if probe.returncode == 3:
-        raise EnvError(
-            f"env.gym_id={gym_id!r}: module {module!r} cannot be imported ({reason}); install the "
-            f"package that provides it"
-        )
-    if probe.returncode != 0:
-        namespace = env_id.split("/")[0] if "/" in env_id else None
-        if not module and namespace in GYM_NAMESPACES:
-            hint = (
-                f"write env.gym_id={GYM_NAMESPACES[namespace]}:{env_id} so that the module registering "
-                f"the {namespace} namespace is imported first (in every evaluation worker too)"
-            )
-        else:
-            hint = "check the id, or prefix it with the module that registers it (module:Id-v0)"
-        raise EnvError(f"env.gym_id={gym_id!r}: {reason}; {hint}")
+        raise EnvError(probe.stdout.strip().splitlines()[-1])
+    reason = (probe.stderr.strip().splitlines() or ["no output"])[-1][-300:]
+    raise EnvError(f"env.gym_id={gym_id!r} could not be checked: {reason}")
 
 
 def check_env_names(env_cfg: Any) -> None:
@@ -156,6 +138,11 @@ def check_env_names(env_cfg: Any) -> None:
     scored on exist, and each task has the goal set ``env.goals`` asks for (no env is built)."""
     if env_cfg.type == "gym":
         check_gym_id(env_cfg.gym_id)
+        return
+    if env_cfg.type == "robosuite":
+        from vla_ft.eval.robosuite_env import check_env_name
+
+        check_env_name(env_cfg)
         return
     from vla_ft.eval.evaluate import check_tasks
 
