@@ -136,10 +136,7 @@ def default_kwargs(cameras: list[str], image_size: int) -> dict[str, Any]:
 def resolve_env_args(env_cfg: Any, data_path: str | Path | None) -> dict[str, Any]:
     """``{"env_name", "type", "env_version", "env_kwargs"}`` for ``env_cfg`` (see the module docstring)."""
     file_args = dataset_env_args(data_path) if data_path else None
-    name = env_cfg.env_name or (file_args or {}).get("env_name")
-    if not name:
-        where = f"{data_path} has no robosuite env_args" if data_path else "no dataset is configured"
-        raise EnvError(f"env.env_name is not set and {where}: set env.env_name (e.g. Lift, PickPlaceCan)")
+    name = _env_name(env_cfg, file_args, data_path)
     kwargs = default_kwargs(list(env_cfg.cameras), int(env_cfg.image_size))
     version = kwargs.pop("_robosuite_version")
     if file_args:
@@ -159,16 +156,23 @@ def resolve_env_args(env_cfg: Any, data_path: str | Path | None) -> dict[str, An
 
 def check_env_name(env_cfg: Any) -> None:
     """robosuite imports and the env name in force is one of its environments (no env is built)."""
-    robosuite = import_robosuite()
-    file_args = dataset_env_args(env_cfg.env_args_from) if env_cfg.env_args_from else None
+    path = env_cfg.env_args_from
+    _check_known(import_robosuite(), _env_name(env_cfg, dataset_env_args(path) if path else None, path))
+
+
+def _env_name(env_cfg: Any, file_args: dict[str, Any] | None, data_path: str | Path | None) -> str:
+    """``env.env_name``, else the file's ``env_args.env_name``; one error when neither says."""
     name = env_cfg.env_name or (file_args or {}).get("env_name")
     if not name:
-        raise EnvError(
-            f"env.env_name is not set and {env_cfg.env_args_from} has no robosuite env_args: set "
-            "env.env_name (e.g. Lift, PickPlaceCan)"
-        )
+        where = f"{data_path} has no robosuite env_args" if data_path else "no dataset is configured"
+        raise EnvError(f"env.env_name is not set and {where}: set env.env_name (e.g. Lift, PickPlaceCan)")
+    return str(name)
+
+
+def _check_known(robosuite: Any, name: str) -> None:
+    """One error naming the closest robosuite environment when ``name`` is none of them."""
     if name not in robosuite.ALL_ENVIRONMENTS:
-        close = difflib.get_close_matches(str(name), list(robosuite.ALL_ENVIRONMENTS), n=1)
+        close = difflib.get_close_matches(name, list(robosuite.ALL_ENVIRONMENTS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise EnvError(
             f"env.env_name={name!r} is not a robosuite environment{hint}; valid: "
@@ -214,11 +218,7 @@ class RobosuiteEnv(gym.Env):
         kwargs = copy.deepcopy(env_args["env_kwargs"])
         if not render:
             kwargs.update(use_camera_obs=False, has_offscreen_renderer=False)
-        if self.name not in robosuite.ALL_ENVIRONMENTS:
-            raise EnvError(
-                f"env.env_name={self.name!r} is not a robosuite environment; valid: "
-                f"{', '.join(sorted(robosuite.ALL_ENVIRONMENTS))}"
-            )
+        _check_known(robosuite, self.name)
         try:
             self.env = robosuite.make(self.name, **kwargs)
         except (TypeError, ValueError, AssertionError, KeyError) as exc:
