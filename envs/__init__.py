@@ -14,7 +14,8 @@ from envs.rendering import select_gl_backend
 select_gl_backend()  # must run before mujoco is imported
 
 from envs.errors import EnvError, InvalidActionError, UnknownTaskError  # noqa: E402
-from envs.registry import gym_id, list_tasks, make, make_expert, register_all  # noqa: E402
+from envs.factory import gym_id, make, make_expert, register_all  # noqa: E402
+from envs.tasks import list_tasks  # noqa: E402
 
 register_all()
 

@@ -26,10 +26,11 @@ import numpy as np
 from envs.errors import EnvError, InvalidActionError
 from envs.rendering import MultiCameraRenderer, project
 from envs.scene import LAYOUT_DIM, WORKSPACE_HI, WORKSPACE_LO, Layout, Sim, sample_layout
-from envs.tasks import GOAL_DIM, GOAL_SETS, INSTRUCTION_SETS, TASKS, Goal
+from envs.tasks import GOAL_DIM, GOAL_SETS, INSTRUCTION_SETS, TASKS, Goal, get_task
 
-# Written into every collected file (data.attrs["env_args"]). 0.2 (2026-11-23): the hand starts
-# anywhere over the table (envs/scene.py HAND_START_LO/HI); files of 0.1 fan out from the centre.
+# Written into every collected file (data.attrs["env_args"]). 0.2: the hand starts anywhere over the
+# table (envs/scene.py HAND_START_LO/HI); files of 0.1 start it near the centre (see
+# docs/experiments/2026-11-scene-and-expert-changes.md).
 ENV_VERSION = "0.2"
 VALID_CAMERAS = ("agentview", "wrist")
 FINGER_OPEN = 0.05
@@ -103,8 +104,6 @@ class TabletopEnv(gym.Env):
         goals: str = "all",
         instructions: str = "train",
     ) -> None:
-        from envs.registry import get_task
-
         self.task = get_task(task)
         self.goals, self.instructions = check_goal_options(self.task.name, goals, instructions)
         self.cameras = tuple(cameras)

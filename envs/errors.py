@@ -1,6 +1,10 @@
-"""Errors raised by the task suite (user-caused ones derive from ``vla_ft.errors.EnvError``)."""
+"""Errors raised by the task suite; a user-caused one (bad task name, option or action) is an
+:class:`EnvError` whose message says how to fix it. The suite stands alone: a program using it (vla_ft
+does) turns these into its own errors where it calls the suite."""
 
-from vla_ft.errors import EnvError
+
+class EnvError(Exception):
+    """A task name, env option or action the suite cannot take; the message names the fix."""
 
 
 class UnknownTaskError(EnvError, ValueError):

@@ -42,9 +42,9 @@ BOWL_WALL_TOP = 0.044
 WORKSPACE_LO = np.array([-0.3, -0.35, 0.0])  # clip box for the hand target (tcp position, m)
 WORKSPACE_HI = np.array([0.3, 0.35, 0.3])
 # Hand start box (tcp, m): the whole table region, 12-25 cm up (the fingertips clear every object).
-# It was (+-5 cm, +-5 cm, 22 cm): then the hand's position told a policy which way the expert had
-# been going (every demo fans out from the same spot), and it learned to keep going instead of
-# finding the named object: causal confusion (docs/training.md, "Third round").
+# A hand that always starts near one spot tells a policy which way the expert is going, and it
+# learns to keep going instead of finding the named object: causal confusion (see
+# docs/experiments/2026-11-scene-and-expert-changes.md).
 HAND_START_LO = np.array([TABLE_X[0], TABLE_Y[0], 0.12])
 HAND_START_HI = np.array([TABLE_X[1], TABLE_Y[1], 0.25])
 LAYOUT_DIM = len(SLOTS) * 4 + 3  # per slot: color, x, y, yaw; then hand start xyz

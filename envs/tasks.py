@@ -45,6 +45,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from envs.errors import UnknownTaskError
+from envs.phases import CLOSE, GRASP_DZ, OPEN, Phase, at, grasp, release_above, xy_at
 from envs.scene import BOWL_INNER_HALF, BOWLS, COLOR_NAMES, CUBES, MOVABLE, RADIUS, SLOTS, Layout, Sim
 
 GOAL_DIM = 4
@@ -113,6 +115,10 @@ class Task:
 
     def sample_goal(self, layout: Layout, rng: np.random.Generator) -> Goal | None:
         """A goal for ``layout``, or None when the layout does not admit one (resample)."""
+        raise NotImplementedError
+
+    def expert_plan(self, env) -> list[Phase]:
+        """The scripted expert's phases for ``env``'s current goal (envs/phases.py, envs/experts.py)."""
         raise NotImplementedError
 
     def sample(
@@ -217,6 +223,17 @@ class PickPlace(Task):
     def events(self, sim, layout, goal):
         return {**super().events(sim, layout, goal), "over_destination": self._inside_rim(sim, goal)}
 
+    def expert_plan(self, env):
+        # Release within 3 cm of the drop point, approached at >= 5 mm/step: with a tight tolerance
+        # the proportional command fades to ~0 near the drop point and policies learn to hover just
+        # outside it holding the cube; a wide release band gives them one consistent "open here"
+        # (see docs/experiments/2026-11-scene-and-expert-changes.md).
+        dst = env.goal.dst_slot
+        return [
+            *grasp(env.goal.src_slot),
+            *release_above(lambda e: xy_at(e, dst, 0.085), tol=0.03, min_speed=0.25),
+        ]
+
 
 class Reach(Task):
     name = "reach"
@@ -227,7 +244,7 @@ class Reach(Task):
 
     def sample_goal(self, layout, rng):
         # bowls too: the suite's only task that names a bowl, so a base pretrained without
-        # pick_place still grounds "the <color> bowl" (docs/training.md)
+        # pick_place still grounds "the <color> bowl" (see docs/experiments/2026-11-pick-place-rounds.md)
         return Goal(_pick(rng, MOVABLE + BOWLS), -1, 0, self._template(rng))
 
     def _distance(self, sim, goal) -> float:
@@ -238,6 +255,10 @@ class Reach(Task):
 
     def events(self, sim, layout, goal):
         return {"near": self._distance(sim, goal) < NEAR_DIST, **super().events(sim, layout, goal)}
+
+    def expert_plan(self, env):
+        src = env.goal.src_slot
+        return [Phase(lambda e: at(e, src, self.offset), OPEN, tol=0.008)]
 
 
 class Lift(Task):
@@ -251,6 +272,10 @@ class Lift(Task):
 
     def success(self, sim, layout, goal):
         return sim.pos(goal.src_slot)[2] > 0.1 and sim.touching_fingers(goal.src_slot) > 0
+
+    def expert_plan(self, env):
+        src = env.goal.src_slot
+        return [*grasp(src)[:3], Phase(lambda e: xy_at(e, src, 0.17), CLOSE, tol=0.01, track=False)]
 
 
 class Push(Task):
@@ -300,6 +325,19 @@ class Push(Task):
         halfway = self._moved(sim, layout, goal) >= PUSH_DIST / 2
         return {"touched": sim.touching_fingers(goal.src_slot) > 0, "halfway": halfway}
 
+    def expert_plan(self, env):
+        src, d = env.goal.src_slot, PUSH_DIRS[env.goal.aux][1]
+
+        def behind(z: float):
+            return lambda e: at(e, src, (0, -d * 0.075, 0)) * [1, 1, 0] + [0, 0, z]
+
+        return [
+            Phase(behind(0.1), CLOSE, tol=0.012),
+            Phase(behind(0.015), CLOSE, tol=0.008, max_speed=0.7),
+            Phase(lambda e: xy_at(e, src, 0.015) + [0, d * 0.06, 0], CLOSE, tol=0.01, max_speed=0.5),
+            Phase(lambda e: e.sim.tcp() + [0, 0, 0.1], CLOSE, tol=0.02, track=False),
+        ]
+
 
 class Stack(Task):
     name = "stack"
@@ -334,5 +372,27 @@ class Stack(Task):
         xy, dz = self._offset(sim, goal)
         return {**super().events(sim, layout, goal), "over_destination": xy < 0.025 and dz > 0.03}
 
+    def expert_plan(self, env):
+        # a tight drop, unlike pick_place: the cube lands on a cube
+        dst = env.goal.dst_slot
+        above_bottom = (0, 0, 0.05 + 0.004 - GRASP_DZ - 0.002)
+        return [*grasp(env.goal.src_slot), *release_above(lambda e: at(e, dst, above_bottom))]
+
 
 TASKS: dict[str, Task] = {t.name: t for t in (PickPlace(), Reach(), Lift(), Push(), Stack())}
+
+
+def list_tasks() -> list[str]:
+    """Names of every registered task."""
+    return list(TASKS)
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``.
+
+    Raises:
+        UnknownTaskError: no such task; the message lists the valid names.
+    """
+    if name not in TASKS:
+        raise UnknownTaskError(f"unknown task '{name}'; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]

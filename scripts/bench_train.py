@@ -17,7 +17,7 @@ alternate between the two so machine noise hits both alike; the table reports th
 
 On CUDA: the toolkit's peak memory is measured in a phase of its own (after warm-up, before the
 bare copy exists: ``torch.cuda.max_memory_allocated`` minus what was allocated before the model),
-next to ``vla_ft.train.memory``'s plan for the same setting; MFU = FLOPs of one step (counted by
+next to ``vla_ft.tools.plan_memory``'s plan for the same setting; MFU = FLOPs of one step (counted by
 ``torch.utils.flop_counter``) x steps/s / the GPU's dense bf16 peak; tokens/s counts the
 language model's sequence (image tokens + state + instruction + chunk + readout). JSON to ``--out``.
 """
@@ -47,8 +47,8 @@ from vla_ft.config import Config, LossConfig, ModelConfig, TrainConfig  # noqa: 
 from vla_ft.losses import ActionTaskLoss  # noqa: E402
 from vla_ft.models import ModelDims, param_info  # noqa: E402
 from vla_ft.models.loading import build_policy  # noqa: E402
-from vla_ft.train.memory import GIB, estimate, setting_from_config  # noqa: E402
-from vla_ft.train.memory_arch import config_arch, data_tokens, describe, meta_policy  # noqa: E402
+from vla_ft.tools.memory_arch import config_arch, data_tokens, describe, meta_policy  # noqa: E402
+from vla_ft.tools.plan_memory import GIB, estimate, setting_from_config  # noqa: E402
 from vla_ft.train.optim import build_optimizer, build_param_groups  # noqa: E402
 from vla_ft.train.step import autocast, resolve_device, resolve_precision, train_step  # noqa: E402
 

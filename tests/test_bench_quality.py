@@ -13,7 +13,6 @@ from pathlib import Path
 import h5py
 import pytest
 import yaml
-from test_compare import broken_copy, collect_tiny_demos, save_tiny_base, tiny_overrides
 
 from envs.tasks import TASKS
 from vla_ft.bench_quality import (
@@ -26,6 +25,9 @@ from vla_ft.bench_quality import (
 )
 from vla_ft.config import load_config
 from vla_ft.eval.scoring import wilson_interval
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "compare"))
+from test_compare import broken_copy, collect_tiny_demos, save_tiny_base, tiny_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -83,6 +83,14 @@ def test_unknown_section_is_an_error():
         ("collect.goals=held_out", r"collect\.goals: unknown value 'held_out'.*choose one of all, seen$"),
         ("env.tasks=[reach, push, reach]", r"env\.tasks=\[.*\] is invalid: name each task once \('reach'"),
         ("env.tasks=reach", r"env\.tasks: expected list of str"),
+        (
+            "model.extra.pool_gird=2",
+            r"unknown config key 'model\.extra\.pool_gird': did you mean 'pool_grid'",
+        ),
+        (
+            "model.extra={num_step: 4}",
+            r"unknown config key 'model\.extra\.num_step': did you mean 'num_steps'",
+        ),
     ],
 )
 def test_bad_values_are_one_clear_error(override, pattern):
@@ -144,8 +152,8 @@ def test_several_tasks_are_for_this_suite_only_and_named_before_training():
 
 def test_suite_config_fine_tunes_the_base_on_every_task_and_scores_each():
     import envs
+    from vla_ft.config_checks import check_config
     from vla_ft.data.collect import episode_seed
-    from vla_ft.train.finetune import check_config
     from vla_ft.train.preflight import check_env_names
 
     main, suite = load_config("pick_place.yaml"), load_config("suite.yaml")
@@ -214,9 +222,21 @@ def test_saved_config_reloads_identically(tmp_path):
     assert again == cfg
 
 
-def test_peak_lr_from_scale():
-    cfg = load_config("pick_place.yaml", ["train.pretrain_lr=1e-3", "train.lr_scale=0.1"])
-    assert cfg.train.peak_lr == pytest.approx(1e-4)
+def test_peak_lr_from_scale(tmp_path):
+    cfg = load_config("pick_place.yaml", ["train.lr=null", "train.pretrain_lr=1e-3", "train.lr_scale=0.1"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    # the resolved rate is what the run's config.yaml says, and it reloads as it is
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "run").read_text())
+    assert saved["train"]["lr"] == pytest.approx(1e-4) and config_from_dict(saved) == cfg
+    same = load_config("pick_place.yaml", ["train.lr=1e-4", "train.pretrain_lr=1e-3", "train.lr_scale=0.1"])
+    assert same.train.lr == pytest.approx(1e-4)
+    # pick_place.yaml sets train.lr=9e-4: a rate that disagrees is one error naming all three
+    with pytest.raises(
+        ConfigError,
+        match=r"train.lr=0.0009 disagrees with train.pretrain_lr \* train.lr_scale = 0.001 \* 0.1 = 0.0001",
+    ):
+        load_config("pick_place.yaml", ["train.pretrain_lr=1e-3", "train.lr_scale=0.1"])
+    assert load_config("pick_place.yaml", ["train.lr=null"]).train.lr == 1e-4  # unset: the default
     with pytest.raises(ConfigError, match="go together"):
         load_config("pick_place.yaml", ["train.lr_scale=0.1"])
 

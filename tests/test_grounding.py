@@ -13,11 +13,11 @@ import torch
 from vla_ft import constants as K
 from vla_ft.config import LossConfig, load_config
 from vla_ft.errors import ConfigError
-from vla_ft.losses import grounding_targets
 
 # imported before any test renders: timm pulls in triton, and importing triton after an in-process
 # EGL renderer segfaults (docs/traps.md); this file alone used to crash at the grid test
 from vla_ft.models.vision import SpatialSoftmax
+from vla_ft.task_terms import grounding_targets
 
 
 def _pixel(uv: np.ndarray, size: int) -> tuple[int, int]:
@@ -130,7 +130,8 @@ def test_grounding_targets_and_keypoint_grid_share_cell_centres():
 
 
 def test_grounding_loss_by_hand():
-    from vla_ft.losses import TASK_TERMS, ActionTaskLoss
+    from vla_ft.losses import ActionTaskLoss
+    from vla_ft.task_terms import TASK_TERMS
 
     b, k, q, h, w = 2, 2, 3, 4, 4
     heat = torch.randn(b, k, q, h, w)
@@ -169,7 +170,7 @@ def test_grounding_loss_by_hand():
 
 
 def test_grounding_loss_errors_name_the_fix():
-    from vla_ft.losses import TASK_TERMS
+    from vla_ft.task_terms import TASK_TERMS
 
     heat = torch.zeros(1, 1, 2, 2, 2)
     with pytest.raises(ConfigError, match="re-collect the files, or remove 'grounding'"):

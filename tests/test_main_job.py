@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vla_ft.config import load_config
-from vla_ft.eval.report import file_sha256
+from vla_ft.integrity import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "checkpoints" / "base" / "tiny-suite"
@@ -37,7 +37,7 @@ def test_shipped_base_loads_and_its_card_says_how_it_was_made():
     size = (BASE / "model.safetensors").stat().st_size
     assert size < 30 * 2**20
     card = json.loads((BASE / "card.json").read_text())
-    assert card["weights_sha256"] == file_sha256(BASE / "model.safetensors")
+    assert card["weights_sha256"] == sha256_file(BASE / "model.safetensors")
     assert "pretrain" in card["command"] and "pretrain_suite.yaml" in card["command"]
     assert card["git_commit"]
     collect = card["data"]["collect"]
@@ -115,7 +115,7 @@ def test_main_job_end_to_end_and_the_base_zero_shot_on_the_same_episodes(tmp_pat
         assert len(report["episodes"]) == episodes
     assert [e["instruction"] for e in tuned["episodes"]] == [e["instruction"] for e in zero["episodes"]]
     assert summary["eval"]["success_rate"] == tuned["overall"]["success_rate"]
-    assert zero["manifest"]["checkpoint_sha256"] == file_sha256(BASE / "model.safetensors")
+    assert zero["manifest"]["checkpoint_sha256"] == sha256_file(BASE / "model.safetensors")
     t, z = tuned["per_task"]["pick_place"], zero["per_task"]["pick_place"]
     print("fine-tuned", t["successes"], t["events"], "| zero-shot", z["successes"], z["events"])
     assert t["successes"] >= z["successes"]
@@ -144,6 +144,6 @@ def test_export_copies_the_checkpoint_with_a_card_and_replaces_an_old_export(tmp
     assert not (out / "stale.txt").exists() and not (out / "training_state").exists()
     assert not list(out.parent.glob(".base.*"))  # no temporary dirs left behind
     card = json.loads((out / "card.json").read_text())
-    assert card["weights_sha256"] == file_sha256(out / "model.safetensors")
+    assert card["weights_sha256"] == sha256_file(out / "model.safetensors")
     assert card["summary"] == summary and card["versions"]["torch"]
     assert "Validation loss: best 0.5000" in (out / "README.md").read_text()

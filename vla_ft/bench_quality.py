@@ -55,10 +55,13 @@ from typing import Any
 
 import yaml
 
-from vla_ft.compare import display_command, error_line, machine_info, run_child, shared_config
-from vla_ft.compare_report import fmt_duration, fmt_success, rate_error_bars, write_atomic
+from vla_ft.compare.report import fmt_duration, fmt_success, rate_error_bars
+from vla_ft.compare.rows import shared_config
+from vla_ft.compare.run import display_command, error_line, run_child
 from vla_ft.config import REPO_ROOT, Config, config_from_dict, load_config
 from vla_ft.errors import ConfigError, VLAFTError
+from vla_ft.io import write_atomic
+from vla_ft.provenance import git_commit, machine_info
 
 DEFAULT_EVAL_SEED = 200_000
 LOG_TAIL_LINES = 25
@@ -630,10 +633,8 @@ def render_plot(report: dict[str, Any], path: Path) -> Path:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     else:
         ax.legend(loc="lower right", fontsize=8)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -675,8 +676,7 @@ def run_bench(
     shared = shared_config(cfg, out, None, None)
     plans = [(cfg.seed + i, seed_config(shared, cfg.seed + i)) for i in range(seeds)]
 
-    from vla_ft.eval.report import git_commit  # these import torch: after the argument checks
-    from vla_ft.train.finetune import ensure_data
+    from vla_ft.data.collect import ensure_data  # h5py and the task suite: after the argument checks
 
     shared_cfg = config_from_dict(shared)
     ensure_data(shared_cfg)  # collect once (if missing and allowed), before any seed

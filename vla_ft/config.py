@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from vla_ft.errors import ConfigError
+from vla_ft.io import write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -185,7 +187,7 @@ class EnvConfig:
     ``type: vla_ft`` uses this project's MuJoCo suite (``task`` names a registered task, ``tasks``
     several, scored together); ``type: gym`` wraps any registered gymnasium id (``gym_id``) with the
     key mapping below; ``type: robosuite`` rebuilds a robosuite env from the dataset's ``env_args``
-    (vla_ft/eval/robosuite_env.py, docs/robosuite.md).
+    (vla_ft/sim/robosuite_env.py, docs/robosuite.md).
     """
 
     type: Literal["vla_ft", "gym", "robosuite"] = "vla_ft"
@@ -299,6 +301,35 @@ class LoraConfig:
         return float(self.alpha) if self.alpha is not None else 2.0 * self.r
 
 
+# model.extra: the knobs each kind of preset reads (vla_ft/models/loading.py for native and vlm,
+# vla_ft/models/bc_cnn.py for cnn), plus the flow head's Euler steps, which every kind reads
+MODEL_EXTRA_KNOBS: dict[str, tuple[str, ...]] = {
+    "native": (
+        "vision_kwargs",
+        "pool_grid",
+        "channels_last",
+        "keypoints",
+        "film",
+        "keypoint_tokens",
+        "keypoint_window",
+    ),
+    "vlm": (),
+    "cnn": (
+        "channels",
+        "strides",
+        "keypoints",
+        "keypoint_features",
+        "text_features",
+        "state_features",
+        "max_tokens",
+        "width",
+        "depth",
+        "vocab_size",
+    ),
+}
+FLOW_STEPS_KNOB = "num_steps"
+
+
 @dataclass
 class ModelConfig:
     """Which VLA to build or load.
@@ -328,12 +359,17 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     freeze: list[str] = field(default_factory=list)  # module names to freeze (full FT: empty)
-    extra: dict[str, Any] = field(default_factory=dict)  # preset-specific knobs
+    # the preset kind's knobs (MODEL_EXTRA_KNOBS in vla_ft/config.py) and num_steps; others are an error
+    extra: dict[str, Any] = field(default_factory=dict)
     lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: LoRA instead of full fine-tuning
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # ModelConfig(**json) when a checkpoint's config.json is read
             self.lora = LoraConfig(**self.lora)
+        knobs = sorted({FLOW_STEPS_KNOB, *(k for kind in MODEL_EXTRA_KNOBS.values() for k in kind)})
+        for key in self.extra:
+            if key not in knobs:
+                raise ConfigError(f"unknown config key 'model.extra.{key}': {_suggest(str(key), knobs)}")
         _check(self.n_bins >= 2, "model.n_bins", self.n_bins, "use 2 or more bins")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "use a value in [0, 1)")
         _check(self.bin_range > 0, "model.bin_range", self.bin_range, "use a positive range, e.g. 1.0")
@@ -367,6 +403,11 @@ class ModelConfig:
                 f"already freezes the backbone (choose adapted modules with model.lora.target); "
                 f"set model.freeze=[]"
             )
+
+    @property
+    def flow_steps(self) -> int | None:
+        """``model.extra.num_steps``: Euler steps when a flow head samples (None: the head's own)."""
+        return self.extra.get(FLOW_STEPS_KNOB)
 
 
 @dataclass
@@ -411,8 +452,8 @@ class TrainConfig:
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # global effective batch (micro_batch * grad_accum * world size)
     grad_accum: int = 1
-    lr: float = 1e-4
-    pretrain_lr: float | None = None  # with lr_scale: lr = pretrain_lr * lr_scale
+    lr: float | None = None  # peak rate; null: pretrain_lr * lr_scale when both are set, else 1e-4
+    pretrain_lr: float | None = None  # with lr_scale: lr = pretrain_lr * lr_scale (a set lr must agree)
     lr_scale: float | None = None
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -458,12 +499,7 @@ class TrainConfig:
             self.grad_accum,
             f"it must divide train.batch_size={self.batch_size}",
         )
-        _check(self.lr > 0, "train.lr", self.lr, "use a positive learning rate, e.g. 1e-4")
-        if (self.pretrain_lr is None) != (self.lr_scale is None):
-            raise ConfigError("train.lr_scale and train.pretrain_lr go together: set both or neither")
-        if self.lr_scale is not None:
-            _check(0 < self.lr_scale <= 1, "train.lr_scale", self.lr_scale, "use a scale in (0, 1], e.g. 0.1")
-            _check(self.pretrain_lr > 0, "train.pretrain_lr", self.pretrain_lr, "use a positive lr")
+        self._resolve_lr()
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "use a value >= 0")
         _check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -502,6 +538,26 @@ class TrainConfig:
             _check(self.threads >= 1, "train.threads", self.threads, "use 1 or more")
         self._check_scale_options()
 
+    def _resolve_lr(self) -> None:
+        """``lr`` from ``pretrain_lr * lr_scale`` when those are set (a set ``lr`` must agree), else
+        1e-4 when unset: after this ``lr`` is the peak rate, and the saved config says so."""
+        if (self.pretrain_lr is None) != (self.lr_scale is None):
+            raise ConfigError("train.lr_scale and train.pretrain_lr go together: set both or neither")
+        if self.lr_scale is not None:
+            _check(0 < self.lr_scale <= 1, "train.lr_scale", self.lr_scale, "use a scale in (0, 1], e.g. 0.1")
+            _check(self.pretrain_lr > 0, "train.pretrain_lr", self.pretrain_lr, "use a positive lr")
+            derived = self.pretrain_lr * self.lr_scale
+            if self.lr is not None and not math.isclose(self.lr, derived, rel_tol=1e-9):
+                raise ConfigError(
+                    f"train.lr={self.lr:g} disagrees with train.pretrain_lr * train.lr_scale = "
+                    f"{self.pretrain_lr:g} * {self.lr_scale:g} = {derived:g}: set train.lr=null (it is "
+                    f"computed from them), or set train.pretrain_lr and train.lr_scale to null"
+                )
+            self.lr = derived
+        elif self.lr is None:
+            self.lr = 1e-4
+        _check(self.lr > 0, "train.lr", self.lr, "use a positive learning rate, e.g. 1e-4")
+
     def _check_scale_options(self) -> None:
         """Combinations the distributed / memory-saving paths do not support (docs/scale.md)."""
         if self.optimizer_in_backward:
@@ -539,13 +595,6 @@ class TrainConfig:
                 "EMA is not supported with train.parallel=fsdp (it would hold a full copy per rank): "
                 "use null, or train.parallel=ddp",
             )
-
-    @property
-    def peak_lr(self) -> float:
-        """The peak learning rate: ``pretrain_lr * lr_scale`` when both are set, else ``lr``."""
-        if self.lr_scale is not None and self.pretrain_lr is not None:
-            return self.pretrain_lr * self.lr_scale
-        return self.lr
 
 
 @dataclass
@@ -873,8 +922,4 @@ def save_config(cfg: Config, run_dir: str | Path) -> Path:
     """Write the resolved config as ``config.yaml`` into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(out)
-    return out
+    return write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

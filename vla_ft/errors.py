@@ -5,6 +5,10 @@ file/key/value and says how to fix it. The CLI prints such errors as one line an
 anything else is a bug and keeps its traceback.
 """
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 
 class VLAFTError(Exception):
     """Base class: a problem with the user's input (config, data file, checkpoint)."""
@@ -24,6 +28,43 @@ class CheckpointError(VLAFTError):
 
 class EnvError(VLAFTError):
     """An environment/task name or argument is wrong."""
+
+
+class UnknownTaskError(EnvError, ValueError):
+    """A task name the MuJoCo suite (envs/) does not have; the message lists the valid names."""
+
+
+class InvalidActionError(EnvError, ValueError):
+    """An action the MuJoCo suite (envs/) refuses: NaN/Inf entries or the wrong shape."""
+
+
+def from_suite(exc: BaseException) -> BaseException:
+    """``exc`` as this package's error (same message) when the MuJoCo task suite raised it, else ``exc``.
+
+    The suite (envs/) stands alone and has its own error classes (``envs.errors``); where vla_ft
+    calls it, its user errors become :class:`EnvError` (:class:`UnknownTaskError`,
+    :class:`InvalidActionError`) so that they are reported like every other user error.
+    """
+    suite = sys.modules.get("envs.errors")  # not imported: nothing can have raised one of its errors
+    if suite is None or not isinstance(exc, suite.EnvError):
+        return exc
+    if isinstance(exc, suite.UnknownTaskError):
+        return UnknownTaskError(str(exc))
+    if isinstance(exc, suite.InvalidActionError):
+        return InvalidActionError(str(exc))
+    return EnvError(str(exc))
+
+
+@contextlib.contextmanager
+def suite_errors() -> Iterator[None]:
+    """Re-raise the MuJoCo task suite's errors raised in the block as this package's (:func:`from_suite`)."""
+    try:
+        yield
+    except Exception as exc:
+        ours = from_suite(exc)
+        if ours is exc:
+            raise
+        raise ours from exc
 
 
 def worker_message(exc: VLAFTError) -> str:

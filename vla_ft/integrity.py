@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vla_ft.errors import CheckpointError
+from vla_ft.io import write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "vla_ft.manifest"
@@ -53,11 +53,9 @@ def write_manifest(directory: Path) -> Path:
         p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": d}
         for p, d in zip(files, digests)
     }
-    out = directory / MANIFEST
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"format": FORMAT, "version": 1, "files": entries}, indent=1))
-    os.replace(tmp, out)
-    return out
+    return write_atomic(
+        directory / MANIFEST, json.dumps({"format": FORMAT, "version": 1, "files": entries}, indent=1)
+    )
 
 
 def read_manifest(directory: Path) -> dict[str, dict] | None:

@@ -1,9 +1,9 @@
 """The combined fine-tuning loss ``L = w_action * L_action + w_task * L_task``.
 
-Pure functions for each term plus one :class:`ActionTaskLoss` module that combines them and returns
-per-term metrics (each term, each action dimension's error, the gripper accuracy). Metrics are
-detached tensors: converting them to Python floats (a host sync) is the logger's job, done only on
-logging steps.
+Pure functions for the action terms plus one :class:`ActionTaskLoss` module that combines them with
+the task terms and returns per-term metrics (each term, each action dimension's error, the gripper
+accuracy). Metrics are detached tensors: converting them to Python floats (a host sync) is the
+logger's job, done only on logging steps.
 
 Action terms work in normalized action units (the units the policy predicts in):
 * continuous heads: L1 (default), MSE or Huber over the chunk, masked at padding, optionally
@@ -13,17 +13,12 @@ Action terms work in normalized action units (the units the policy predicts in):
 * flow heads (SmolVLA): the squared error of the predicted velocity at a sampled flow time,
   averaged over valid (step, dim) entries (the per-dim errors are then of the one-step estimate).
 
-Task terms (a registry): ``task_id`` cross-entropy, ``progress`` regression (MSE), ``waypoint``
-regression (smooth L1 on the next gripper-toggle position relative to the hand, in training-std
-units; needs an end-effector position in the data, see ``data.waypoint_key``) and ``grounding``
-(cross-entropy of the first two keypoint heat maps of each camera against where the instruction's
-named object and destination are in that image; needs ``targets/`` labels in the files, which our
-collector writes, and a keypoint backbone; docs/training.md "Fourth round").
+Task terms come from the registry in :mod:`vla_ft.task_terms` (``task_id``, ``progress``,
+``waypoint``, ``grounding``): each configured term is computed through its record, and a term of
+weight 0 whose labels the batch lacks is skipped (it would only be logged).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +26,9 @@ from torch import Tensor, nn
 
 from vla_ft import constants as K
 from vla_ft.config import LossConfig
+from vla_ft.data.layout import gripper_index
 from vla_ft.errors import ConfigError
+from vla_ft.task_terms import TASK_TERMS
 
 
 def _masked_mean(per_elem: Tensor, weight: Tensor) -> Tensor:
@@ -68,88 +65,6 @@ def bin_centers(n_bins: int, low: float = -1.0, high: float = 1.0, device=None) 
     return low + width * (torch.arange(n_bins, device=device, dtype=torch.float32) + 0.5)
 
 
-def task_id_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
-    """Cross-entropy of the task-id classifier: OUT_TASK_LOGITS (B, NT) vs TASK_ID (B,)."""
-    logits = outputs[K.OUT_TASK_LOGITS].float()
-    return F.cross_entropy(logits, batch[K.TASK_ID].long(), label_smoothing=label_smoothing)
-
-
-def progress_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
-    """MSE of the episode-progress regressor: OUT_PROGRESS (B,) vs PROGRESS (B,) in [0, 1]."""
-    del label_smoothing
-    return F.mse_loss(outputs[K.OUT_PROGRESS].float(), batch[K.PROGRESS].float())
-
-
-def waypoint_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
-    """Smooth L1 of the next-waypoint regressor: OUT_WAYPOINT (B, 3) vs WAYPOINT (B, 3)."""
-    del label_smoothing
-    if K.WAYPOINT not in batch:
-        raise ConfigError(
-            "loss.task_terms has 'waypoint' but the batches carry no waypoint target: the data has no "
-            "end-effector position state key (data.waypoint_key); set data.waypoint_key to the key of "
-            "the hand position, or remove 'waypoint' from loss.task_terms"
-        )
-    return F.smooth_l1_loss(outputs[K.OUT_WAYPOINT].float(), batch[K.WAYPOINT].float())
-
-
-GROUNDING_SIGMA_CELLS = 1.0  # std of the Gaussian target around the object, in heat-map cells
-
-
-def grounding_targets(uv: Tensor, h: int, w: int, sigma_cells: float = GROUNDING_SIGMA_CELLS) -> Tensor:
-    """Soft targets (..., h*w) over the cell centres of an h x w heat map: a Gaussian at ``uv`` (..., 2).
-
-    The cells are the keypoint layer's own (``vla_ft.models.vision.cell_centres``); sigma is
-    ``sigma_cells`` cells. Rows of non-finite ``uv`` come out NaN (mask them).
-    """
-    from vla_ft.models.vision import cell_centres  # here: importing the losses stays free of timm
-
-    grid = cell_centres(h, w, uv.device)  # (h*w, 2)
-    scale = torch.tensor([2.0 / w, 2.0 / h], device=uv.device) * sigma_cells  # one cell = 2/n
-    d2 = (((grid - uv[..., None, :]) / scale) ** 2).sum(-1)  # (..., h*w)
-    return torch.softmax(-0.5 * d2, dim=-1)
-
-
-def grounding_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
-    """Heat map 0 of each camera finds the named object, heat map 1 the destination.
-
-    Cross-entropy of OUT_HEATMAP[:, k, j] (B, K, Q, h, w) logits against a Gaussian at TARGET_UV[:, k, j]
-    (B, K, 2, 2), j = 0 (named object) and 1 (destination), averaged over the (sample, camera, object)
-    triples whose target is known and inside the image. Privileged labels at training time only: the
-    policy still sees images, state and the instruction, nothing else.
-    """
-    del label_smoothing
-    if K.TARGET_UV not in batch:
-        raise ConfigError(
-            "loss.task_terms has 'grounding' but the batches carry no targets: the demo files have no "
-            "data/demo_i/targets/<camera> labels (files collected by scripts/collect_demos.py since "
-            "2026-11-23 have them); re-collect the files, or remove 'grounding' from loss.task_terms"
-        )
-    if K.OUT_HEATMAP not in outputs:
-        raise ConfigError(
-            "loss.task_terms has 'grounding' but the model outputs no keypoint heat maps: use a native "
-            "backbone with keypoints (model.extra.keypoints >= 2, as in the tiny preset), or remove "
-            "'grounding' from loss.task_terms"
-        )
-    heat = outputs[K.OUT_HEATMAP][:, :, :2].float()  # (B, K, 2, h, w)
-    h, w = heat.shape[-2:]
-    uv = batch[K.TARGET_UV].float()  # (B, K, 2, 2)
-    known = torch.isfinite(uv).all(-1) & (uv.abs() <= 1.0).all(-1)  # (B, K, 2) in view
-    target = grounding_targets(torch.nan_to_num(uv), h, w)  # (B, K, 2, h*w)
-    ce = -(target * heat.flatten(-2).log_softmax(-1)).sum(-1)  # (B, K, 2)
-    weight = known.float()
-    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-TASK_TERMS: dict[str, Callable[[dict[str, Tensor], dict[str, Tensor], float], Tensor]] = {
-    "task_id": task_id_loss,
-    "progress": progress_loss,
-    "waypoint": waypoint_loss,
-    "grounding": grounding_loss,
-}
-# batch keys a term reads besides the model outputs (labels some datasets do not have)
-TERM_LABELS = {"grounding": (K.TARGET_UV,)}
-
-
 class ActionTaskLoss(nn.Module):
     """``L = w_action * L_action + w_task * sum_k w_k * L_task_k``, each term logged.
 
@@ -178,7 +93,8 @@ class ActionTaskLoss(nn.Module):
                 f"loss.dim_weights has {len(cfg.dim_weights)} values but the action has {action_dim} "
                 f"dimensions: give one weight per action dimension"
             )
-        if not -action_dim <= cfg.gripper_dim < action_dim:
+        gripper = gripper_index(action_dim, cfg.gripper_dim)
+        if gripper is None:
             raise ConfigError(
                 f"loss.gripper_dim={cfg.gripper_dim} is out of range for a {action_dim}-dim action"
             )
@@ -186,7 +102,7 @@ class ActionTaskLoss(nn.Module):
         self.action_dim = action_dim
         self.head = head
         self.n_bins, self.bin_low, self.bin_high = n_bins, bin_low, bin_high
-        self.gripper_dim = cfg.gripper_dim % action_dim
+        self.gripper_dim = gripper
         self.gripper_zero = 0.0 if gripper_zero is None else float(gripper_zero)
         weights = torch.ones(action_dim) if cfg.dim_weights is None else torch.tensor(cfg.dim_weights)
         self.register_buffer("dim_weights", weights.float(), persistent=False)
@@ -229,11 +145,12 @@ class ActionTaskLoss(nn.Module):
         l_action, per_dim = self.action_loss(outputs, batch)
         l_task = l_action.new_zeros(())
         for name, weight in self.cfg.task_terms.items():
-            if weight == 0 and any(k not in batch for k in TERM_LABELS.get(name, ())):
+            term = TASK_TERMS[name]
+            if weight == 0 and term.labels not in batch:
                 continue  # a weight-0 term is only logged: skip it where the data has no labels for it
-            term = TASK_TERMS[name](outputs, batch, self.cfg.label_smoothing)
-            metrics[f"loss/task_{name}"] = term.detach()
-            l_task = l_task + weight * term
+            value = term(outputs, batch, self.cfg.label_smoothing)
+            metrics[f"loss/task_{name}"] = value.detach()
+            l_task = l_task + weight * value
         loss = self.cfg.w_action * l_action + self.cfg.w_task * l_task
         metrics["loss"] = loss.detach()
         metrics["loss/action"] = l_action.detach()

@@ -372,13 +372,13 @@ def test_finetune_stops_before_training_when_the_env_gives_no_instruction_and_th
 
 @pytest.mark.sim
 def test_finetune_warns_at_start_about_an_instruction_and_image_size_it_was_not_trained_on(tmp_path):
-    from vla_ft.cli import config_for
     from vla_ft.train.distributed import setup_distributed
     from vla_ft.train.finetune import prepare
 
     data = _gym_demo_file(tmp_path / "one.hdf5", ["reach the red dot"])
     over = {"env.instruction": "'go to the dot'", "env.image_size": 48}
-    cfg = config_for(_gym_overrides(data, tmp_path / "runs", **over))
+    _, name, *overrides = _gym_overrides(data, tmp_path / "runs", **over)  # --cfg NAME key=value ...
+    cfg = load_config(name, overrides)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         prepare(cfg, setup_distributed("none", "cpu"), tmp_path / "runs" / "t")

@@ -38,7 +38,7 @@ def _env_cfg(name: str = "Lift", **kw) -> EnvConfig:
 
 
 def _make(name: str = "Lift", **kw):
-    from vla_ft.eval.robosuite_env import RobosuiteEnv, resolve_env_args
+    from vla_ft.sim.robosuite_env import RobosuiteEnv, resolve_env_args
 
     return RobosuiteEnv(resolve_env_args(_env_cfg(name), None), **kw)
 
@@ -67,7 +67,7 @@ def test_observations_use_robomimic_names_and_resets_are_seeded():
 def test_images_are_upright_like_robomimic_files():
     """robosuite renders bottom row first (OpenGL); robomimic files store images top row first. In
     the agentview the robot stands at the far edge of the table: its (dark) base is in the top half."""
-    from vla_ft.eval.robosuite_env import RobosuiteEnv, resolve_env_args
+    from vla_ft.sim.robosuite_env import RobosuiteEnv, resolve_env_args
 
     cfg = _env_cfg()
     cfg.image_size = 64
@@ -93,7 +93,7 @@ def test_scripted_experts_succeed_through_the_evaluator(name, episodes):
 
 
 def test_unknown_env_name_and_missing_env_args_are_one_line():
-    from vla_ft.eval.robosuite_env import check_env_name, resolve_env_args
+    from vla_ft.sim.robosuite_env import check_env_name, resolve_env_args
 
     with pytest.raises(EnvError, match=r"env.env_name='Lfit'.*did you mean 'Lift'"):
         check_env_name(_env_cfg("Lfit"))
@@ -102,7 +102,7 @@ def test_unknown_env_name_and_missing_env_args_are_one_line():
 
 
 def test_missing_robosuite_names_the_install_command(monkeypatch):
-    from vla_ft.eval import robosuite_env
+    from vla_ft.sim import robosuite_env
 
     monkeypatch.setitem(sys.modules, "robosuite", None)  # `import robosuite` raises ImportError
     with pytest.raises(EnvError, match=r"pip install --no-deps robosuite==1\.5\.2"):
@@ -140,7 +140,7 @@ def test_collect_writes_the_robomimic_layout_and_states_resimulate(tmp_path):
         states = demo["states"][()]
         assert obs["agentview_image"].shape[1:] == (32, 32, 3)
     # robomimic's playback: rebuild the env from env_args, restore a recorded state, read the obs
-    from vla_ft.eval.robosuite_env import RobosuiteEnv, resolve_env_args
+    from vla_ft.sim.robosuite_env import RobosuiteEnv, resolve_env_args
 
     cfg = EnvConfig(type="robosuite", env_args_from=str(out))
     env = RobosuiteEnv(resolve_env_args(cfg, cfg.env_args_from))

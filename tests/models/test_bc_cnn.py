@@ -13,7 +13,7 @@ from vla_ft.config import Config, LoraConfig, ModelConfig
 from vla_ft.errors import ConfigError
 from vla_ft.models import ModelDims, VLAPolicy, build_policy, count_parameters, load_vla, param_info
 from vla_ft.models.bc_cnn import BCCNNPolicy
-from vla_ft.train.memory_arch import saved_bytes
+from vla_ft.tools.memory_arch import saved_bytes
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_checkpointing_and_lora_are_refused_on_a_built_policy(policy):
 
 
 def test_trainer_preflight_lists_every_unsupported_option():
-    from vla_ft.train.finetune import check_config
+    from vla_ft.config_checks import check_config
     from vla_ft.train.preflight import PreflightError
 
     cfg = Config()
@@ -209,7 +209,7 @@ def test_trainer_preflight_lists_every_unsupported_option():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_memory_plan_matches_autograds_saved_bytes(precision, info):
-    from vla_ft.train import memory as M
+    from vla_ft.tools import plan_memory as M
 
     torch.manual_seed(0)
     policy = load_vla(ModelConfig(preset="bc-cnn"), info).train()

@@ -81,7 +81,10 @@ def test_bins_match_the_loss_discretization():
     policy = load_vla(ModelConfig(preset="tiny", action_head="binned", n_bins=16, bin_range=1.5), make_info())
     x = torch.linspace(-3, 3, 101)
     low, high = policy.bin_range
-    assert torch.equal(policy.action_bins.to_bins(x), discretize(x, 16, low, high))
+    # by hand: clamp to [-1.5, 1.5], scale to [0, 16], floor, the top edge into the last bin
+    expected = ((x.clamp(low, high) - low) / (high - low) * 16).long().clamp(0, 15)
+    assert torch.equal(discretize(x, 16, low, high), expected)
+    assert torch.equal(policy.action_bins.to_bins(x), expected)
     inside = torch.linspace(-1.49, 1.49, 50)
     assert (policy.action_bins.from_bins(policy.action_bins.to_bins(inside)) - inside).abs().max() <= 1.5 / 16
 

@@ -83,3 +83,37 @@ def test_published_size_vlm_builds_on_meta(preset):
     lo, hi = META_ONLY[preset]
     assert lo < total < hi
     assert type(policy.backbone.model).__name__ == "Idefics3Model"
+
+
+@pytest.mark.parametrize(
+    "preset, extra, pattern",
+    [
+        (
+            "tiny-vlm",
+            {"pool_grid": 2},
+            r"model.extra has pool_grid, which a vlm model \(model.preset='tiny-vlm'\)",
+        ),
+        (
+            "tiny",
+            {"channels": [8]},
+            r"model.extra has channels, which a native model .*knobs are vision_kwargs",
+        ),
+    ],
+)
+def test_a_knob_of_another_kind_of_model_is_one_error(preset, extra, pattern):
+    from vla_ft.errors import ConfigError
+    from vla_ft.models.loading import resolve_arch
+
+    with pytest.raises(ConfigError, match=pattern):
+        resolve_arch(ModelConfig(preset=preset, extra=extra))
+    assert resolve_arch(ModelConfig(preset=preset, extra={"num_steps": 4}))["kind"] in ("vlm", "native")
+
+
+def test_policies_declare_their_capabilities():
+    info = make_info()
+    tiny, vlm, cnn = (load_vla(ModelConfig(preset=p), info) for p in ("tiny", "tiny-vlm", "bc-cnn"))
+    assert tiny.heatmap_count == 8 and C.OUT_HEATMAP in tiny.task_outputs and tiny.lora_problem(4) is None
+    assert vlm.heatmap_count == 0 and vlm.task_outputs == {C.OUT_TASK_LOGITS, C.OUT_PROGRESS, C.OUT_WAYPOINT}
+    assert cnn.heatmap_count == 0 and "bc-cnn" in cnn.lora_problem(4)
+    with pytest.raises(TypeError, match="does not implement vla_ft.models.backbone.Backbone"):
+        VLAPolicy(tiny.cfg, tiny.dims, torch.nn.Linear(2, 2), tiny.tokenizer, tiny.arch)

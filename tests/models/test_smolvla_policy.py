@@ -138,6 +138,17 @@ def test_data_the_checkpoint_cannot_take_is_one_config_error(change, pattern):
         load_smolvla_policy(CKPT, FLOW, info)
 
 
+def test_smolvla_declares_no_task_outputs_and_refuses_lora():
+    from vla_ft.config import LoraConfig
+    from vla_ft.models.lora import apply_lora
+
+    policy = load_smolvla_policy(CKPT, FLOW)
+    assert policy.task_outputs == frozenset() and policy.heatmap_count == 0
+    with pytest.raises(ConfigError, match=r"model.lora.r=4 does not apply to a SmolVLA checkpoint.*lora.r=0"):
+        apply_lora(policy, LoraConfig(r=4))
+    assert type(policy) is SmolVLAPolicy
+
+
 def test_another_head_on_a_smolvla_checkpoint_is_refused():
     with pytest.raises(ConfigError, match="set model.action_head=flow"):
         load_smolvla_policy(CKPT, ModelConfig(pretrained=str(CKPT)))
@@ -163,8 +174,8 @@ def test_memory_plan_of_a_smolvla_checkpoint_matches_autograds_saved_bytes(ref, 
     """The planner (meta device: vision tower by the closed form, the rest traced) against the bytes
     autograd saves in a real fp32 CPU forward of the same checkpoint and batch shape."""
     from vla_ft.config import load_config
-    from vla_ft.train.memory import plan_config
-    from vla_ft.train.memory_arch import data_dims, saved_bytes
+    from vla_ft.tools.memory_arch import data_dims, saved_bytes
+    from vla_ft.tools.plan_memory import plan_config
 
     cfg = load_config("pick_place_smolvla.yaml", ["train.batch_size=1", "data.instruction_max_tokens=48"])
     dims = dataclasses.replace(data_dims(cfg), image_size=(64, 64), state_dim=4)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vla_ft.config_checks import check_config
 from vla_ft.errors import ConfigError
 from vla_ft.models import VLAPolicy
 from vla_ft.models.bc_cnn import BCCNNPolicy
-from vla_ft.train.finetune import check_config, run_finetune
+from vla_ft.train.finetune import run_finetune
 from vla_ft.train.logging import read_metrics
 
 # the baseline's recipe on the tiny reach file (pick_place.yaml's task terms include grounding)

@@ -143,7 +143,7 @@ def test_plan_predicts_the_measured_peak_on_cuda(preset):
     from vla_ft.config import Config, LossConfig, ModelConfig, TrainConfig
     from vla_ft.losses import ActionTaskLoss
     from vla_ft.models import ModelDims, load_vla, param_info
-    from vla_ft.train.memory import plan_config
+    from vla_ft.tools.plan_memory import plan_config
     from vla_ft.train.optim import build_optimizer, build_param_groups
     from vla_ft.train.step import autocast, train_step
 

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from vla_ft import constants as K
+from vla_ft.config_checks import check_config
 from vla_ft.data.dataset import build_datasets
 from vla_ft.errors import CheckpointError, ConfigError
 from vla_ft.losses import ActionTaskLoss
 from vla_ft.models import VLAPolicy, load_tokenizer, load_vla, param_info
 from vla_ft.train import checkpoint as ckpt_io
-from vla_ft.train.finetune import check_config, run_finetune
+from vla_ft.train.finetune import run_finetune
 from vla_ft.train.logging import read_metrics
 from vla_ft.train.loop import TrainingDiverged, fit
 from vla_ft.train.optim import build_optimizer, build_param_groups
@@ -310,6 +311,23 @@ def test_periodic_sim_eval_early_stops_on_success_rate_with_ema_and_unfreezing(t
     assert result.eval is not None and result.eval["episodes"] == 2
     state, tensors = ckpt_io.load_training_state(result.run_dir / "last")
     assert "raw_model" in tensors and state["ema_n_averaged"] > 0
+
+
+def test_logged_learning_rates_are_the_base_rate_and_each_modules(tiny_cfg):
+    """``lr`` is train.lr after the schedule; ``lr/<module>`` the rate of that module's parameter
+    groups (train.module_lr multiplies it)."""
+    extra = {"train.steps": 6, "train.warmup_steps": 2, "train.schedule": "linear", "train.val_every": 0}
+    cfg = tiny_cfg(**extra, **{"train.save_every": 0, "train.module_lr": "{vision: 3.0, language: 0.5}"})
+    rows = [r for r in read_metrics(run_finetune(cfg).run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    multiplier = {"vision": 3.0, "language": 0.5, "projector": 1.0, "heads": 1.0}
+    for row in rows:
+        step = row["step"]
+        schedule = step / 2 if step < 2 else (6 - step) / 4  # linear: 2 warmup steps, then down to 0
+        assert row["lr"] == pytest.approx(cfg.train.lr * schedule), step
+        assert sorted(k for k in row if k.startswith("lr/")) == sorted(f"lr/{m}" for m in multiplier)
+        for module, mult in multiplier.items():
+            assert row[f"lr/{module}"] == pytest.approx(cfg.train.lr * mult * schedule), (step, module)
 
 
 def test_resume_with_ema_from_a_checkpoint_path_continues_exactly(resume_check):

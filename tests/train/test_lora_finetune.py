@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vla_ft.config_checks import check_config
 from vla_ft.errors import CheckpointError, ConfigError
 from vla_ft.models import VLAPolicy, count_parameters
 from vla_ft.models.lora import LORA_DIR
-from vla_ft.train.finetune import SUMMARY_FILE, check_config, run_finetune
+from vla_ft.train.finetune import run_finetune
 from vla_ft.train.logging import read_metrics
+from vla_ft.train.runtime import SUMMARY_FILE
 
 COMMON = {"train.steps": 6, "train.save_every": 3, "train.val_every": 3, "train.deterministic": "true"}
 

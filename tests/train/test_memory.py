@@ -17,8 +17,8 @@ from vla_ft import constants as C
 from vla_ft.config import Config, ModelConfig
 from vla_ft.data.normalize import Normalizer
 from vla_ft.models import ModelDims, load_vla
-from vla_ft.train import memory as M
-from vla_ft.train.memory_arch import saved_bytes
+from vla_ft.tools import plan_memory as M
+from vla_ft.tools.memory_arch import saved_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 B, L, SIZE = 8, 16, 64

@@ -110,7 +110,9 @@ def test_skipped_steps_rewind_the_schedule_at_the_next_log_step(tiny_cfg, monkey
     assert [(r["step"], r["skipped_steps"]) for r in rows] == [(4, 2), (8, 3)]
     sched = torch.load(result.run_dir / "last" / "training_state" / "scheduler.pt", weights_only=True)
     assert sched["last_epoch"] == 8 - 3
-    assert rows[-1]["lr"] == pytest.approx(sched["base_lrs"][-1] * (1 - 5 / 8))  # linear, 5 of 8 steps
+    # linear, 5 of 8 steps: the last group (vision) and the base rate
+    assert rows[-1]["lr/vision"] == pytest.approx(sched["base_lrs"][-1] * (1 - 5 / 8))
+    assert rows[-1]["lr"] == pytest.approx(tiny_cfg(**extra).train.lr * (1 - 5 / 8))
 
 
 def test_adamw8bit_trains_and_resumes_exactly(tiny_cfg):

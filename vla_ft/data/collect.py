@@ -1,4 +1,5 @@
-"""Scripted-expert demo collection: ``run_collect(cfg)`` (``scripts/collect_demos.py``).
+"""Scripted-expert demo collection: ``run_collect(cfg)`` (``scripts/collect_demos.py``), and
+``ensure_data(cfg)``: a run's demos, collected first when missing and allowed.
 
 Episode ``i`` of task ``t`` resets with seed ``cfg.collect.seed + TASK_SEED_STRIDE * index(t) + i``
 (``index`` in ``envs.list_tasks()``, so a task's seeds do not depend on the task list). Attempts run
@@ -28,8 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 from vla_ft.config import Config
+from vla_ft.data.lerobot import is_lerobot_path
 from vla_ft.data.writer import DemoWriter
-from vla_ft.errors import DataError
+from vla_ft.errors import DataError, suite_errors
 
 TASK_SEED_STRIDE = 1_000_000
 ROBOSUITE = "<robosuite>"  # run_episode's task for env.type=robosuite jobs
@@ -60,10 +62,10 @@ def run_episode(job: tuple) -> dict[str, Any]:
 
     task, seed, noise, image_size, cameras, max_steps, post = job[:7]
     goals = job[7] if len(job) > 7 else "all"
-    if task == ROBOSUITE:  # job[3] is then the env_args JSON (vla_ft/eval/robosuite_env.py)
+    if task == ROBOSUITE:  # job[3] is then the env_args JSON (vla_ft/sim/robosuite_env.py)
         key = (task, image_size, max_steps)
         if key not in _ENVS:
-            from vla_ft.eval.robosuite_env import RobosuiteEnv
+            from vla_ft.sim.robosuite_env import RobosuiteEnv
 
             _ENVS[key] = RobosuiteEnv(json.loads(image_size), max_steps=max_steps)
         env = _ENVS[key]
@@ -125,11 +127,9 @@ def _results(jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
     """Episode results in job order (inline for one worker, else a spawn process pool).
 
     At most ``2 * workers`` episodes are in flight; when the caller stops early (enough successes),
-    the pool cancels the rest and shuts down cleanly, waiting only for the running ones. It used
-    ``multiprocessing.Pool.imap`` over every attempt and ``terminate()`` on early exit, which hung
-    once (2026-11-23, 500 episodes per task, two workers): workers defunct, parent at 0% CPU, after
-    the first task. Most likely terminate killing a worker while it held the task queue's lock (a
-    known ``Pool.terminate`` deadlock); it did not reproduce on a second run.
+    the pool cancels the rest and shuts down cleanly, waiting only for the running ones. Not
+    ``multiprocessing.Pool`` with ``terminate()`` on early exit: terminate can kill a worker while it
+    holds the task queue's lock, a known deadlock (docs/traps.md).
     """
     if workers == 1:
         try:
@@ -237,7 +237,7 @@ def warn_stale_env(paths: list[str]) -> list[str]:
 
 def _env_args(cfg: Config) -> dict[str, Any]:
     if cfg.env.type == "robosuite":
-        from vla_ft.eval.robosuite_env import resolve_env_args
+        from vla_ft.sim.robosuite_env import resolve_env_args
 
         # the file is being written: its env is the config's (env.env_name, env.cameras, ...)
         return resolve_env_args(cfg.env, None)
@@ -248,9 +248,10 @@ def _env_args(cfg: Config) -> dict[str, Any]:
         )
     import envs
     from envs.env import ENV_VERSION
+    from envs.tasks import get_task
 
     for task in cfg.collect.tasks:
-        envs.registry.get_task(task)  # unknown names fail before any work, listing valid ones
+        get_task(task)  # unknown names fail before any work, listing valid ones
     env = envs.make(
         cfg.collect.tasks[0],
         image_size=cfg.env.image_size,
@@ -265,26 +266,49 @@ def _env_args(cfg: Config) -> dict[str, Any]:
     return args
 
 
+def missing_data(paths: list[str]) -> list[str]:
+    """The demo files of ``paths`` that do not exist (a LeRobotDataset root or hub id is read as it
+    is, never collected, so it is never missing here)."""
+    return [p for p in paths if not Path(p).is_file() and not is_lerobot_path(p)]
+
+
+def ensure_data(cfg: Config) -> None:
+    """Collect the configured demos when missing and allowed; else name the exact command."""
+    missing = missing_data(cfg.data.paths)
+    warn_stale_env([p for p in cfg.data.paths if p not in missing])
+    if not missing:
+        return
+    if cfg.data.collect_if_missing and missing == [cfg.data.paths[0]]:
+        print(f"[vla-ft] {missing[0]} not found: collecting {cfg.collect.episodes} demos per task first")
+        run_collect(cfg)
+        return
+    raise DataError(
+        f"dataset file {missing[0]} not found. Collect it with: python scripts/collect_demos.py "
+        f"--cfg <your config> collect.output={missing[0]}  (or set data.collect_if_missing=true)"
+    )
+
+
 def run_collect(cfg: Config) -> Path:
     """Collect demos for every task in ``cfg.collect.tasks`` into ``cfg.collect.output``.
 
     Returns:
         The path of the published HDF5 file.
     """
-    env_args = _env_args(cfg)
-    out = Path(cfg.collect.output)
-    problem = {"language_instruction": "", "tasks": list(cfg.collect.tasks), "language_instructions": []}
-    writer = DemoWriter(out, env_args, problem)
-    instructions: list[str] = []
-    with writer:
-        if cfg.env.type == "robosuite":
-            problem["tasks"] = [env_args["env_name"]]
-            _collect_task(env_args["env_name"], cfg, writer, instructions, env_args)
-        for task in cfg.collect.tasks if cfg.env.type == "vla_ft" else ():
-            _collect_task(task, cfg, writer, instructions)
-        problem["language_instruction"] = instructions[0]
-        problem["language_instructions"] = sorted(set(instructions))
-        writer.set_problem_info(problem)
-        path = writer.close(valid_fraction=cfg.collect.valid_fraction, seed=cfg.collect.seed)
+    with suite_errors():  # the suite's own errors (unknown task, bad option) as vla_ft's EnvError
+        env_args = _env_args(cfg)
+        out = Path(cfg.collect.output)
+        problem = {"language_instruction": "", "tasks": list(cfg.collect.tasks), "language_instructions": []}
+        writer = DemoWriter(out, env_args, problem)
+        instructions: list[str] = []
+        with writer:
+            if cfg.env.type == "robosuite":
+                problem["tasks"] = [env_args["env_name"]]
+                _collect_task(env_args["env_name"], cfg, writer, instructions, env_args)
+            for task in cfg.collect.tasks if cfg.env.type == "vla_ft" else ():
+                _collect_task(task, cfg, writer, instructions)
+            problem["language_instruction"] = instructions[0]
+            problem["language_instructions"] = sorted(set(instructions))
+            writer.set_problem_info(problem)
+            path = writer.close(valid_fraction=cfg.collect.valid_fraction, seed=cfg.collect.seed)
     print(f"wrote {len(writer.names)} demos ({writer.total} steps) to {path}")
     return path

@@ -16,7 +16,8 @@ import numpy as np
 
 from vla_ft.config import DataConfig
 from vla_ft.data.normalize import Normalizer
-from vla_ft.data.reader import FileScan, scan_file
+from vla_ft.data.reader import scan_file
+from vla_ft.data.scan import FileScan
 from vla_ft.data.trajectory import Tokens, TrajectoryDataset
 from vla_ft.data.transforms import ObsSpec
 from vla_ft.errors import DataError

@@ -29,15 +29,13 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from vla_ft.config import DataConfig
+from vla_ft.data.scan import Demo, FileScan
 from vla_ft.errors import DataError
-
-if TYPE_CHECKING:
-    from vla_ft.data.reader import FileScan
 
 LAYOUT = "lerobot_v3"
 CAMERA_DTYPES = ("video", "image")
@@ -454,8 +452,6 @@ def scan_lerobot(path: str, cfg: DataConfig) -> FileScan:
         DataError: any problem with the dataset, naming the root, file and key.
     """
     import pyarrow.parquet as pq
-
-    from vla_ft.data.reader import Demo, FileScan
 
     root = resolve_root(path)
     info = read_info(root)

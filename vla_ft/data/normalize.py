@@ -11,10 +11,10 @@ Every mode is the same affine map ``x_n = (x - center) / scale`` (quantile mode 
 A dimension whose scale is below ``_EPS`` (1e-4 in the data's own units), e.g. a constant one,
 gets scale 1: it normalizes to ``x - center`` (0 for the constant) and unnormalizes back exactly.
 The threshold is not 1e-6 on purpose: a *nearly* constant dimension must not be blown up to unit
-variance. Our gripper fingers lag the hand by ~3e-5 m when it accelerates sideways; on reach-only
-data (gripper always open, finger std ~1e-5) mean/std scaling turned that lag into a +-3 sigma
-velocity signal, and the policy copied its previous y motion from it instead of finding the target
-(docs/training.md, "Third round"). Diffusion Policy's normalizer uses the same 1e-4 range floor.
+variance. Our gripper fingers lag the hand by ~3e-5 m when it accelerates sideways; on data where
+the gripper stays open (finger std ~1e-5) mean/std scaling would turn that lag into a +-3 sigma
+velocity signal, which a policy copies instead of finding the target (see
+docs/experiments/2026-11-scene-and-expert-changes.md). Diffusion Policy's normalizer uses the same 1e-4 range floor.
 
 Statistics come from low-dim arrays only (never images); 1M frames x 10 dims take well under a
 second (``np.quantile`` partitions, it does not sort).
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from vla_ft.errors import CheckpointError
+from vla_ft.io import write_atomic
 
 MODES = ("mean_std", "min_max", "quantile", "none")
 KEYS = ("action", "state")
@@ -175,10 +176,7 @@ class Normalizer:
         path = Path(path)
         if path.is_dir():
             path = path / FILENAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        return write_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Normalizer:

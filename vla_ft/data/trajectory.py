@@ -33,11 +33,12 @@ from vla_ft.constants import (
     TASK_ID,
     WAYPOINT,
 )
+from vla_ft.data.layout import GRIPPER_DIM, history_indices
 from vla_ft.data.normalize import Normalizer
-from vla_ft.data.reader import FileScan, open_h5_handle, read_frames, unreadable
+from vla_ft.data.reader import open_h5_handle, read_frames, unreadable
 from vla_ft.data.sampler import ResumableSampler
+from vla_ft.data.scan import FileScan
 from vla_ft.data.transforms import ObsSpec, obs_to_inputs
-from vla_ft.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,6 @@ class TrajectoryDataset(Dataset):
         self.paths = [s.path for s in scans]
         self.frames = [s.frames for s in scans]  # LeRobot v3 decoders (None: HDF5 file)
         self.file_keys = [s.image_keys for s in scans]
-        self.frame_bytes = [s.frame_bytes() for s in scans]
         sizes = [s.image_hw for s in scans]
         self.file_hw = sizes
         self.file_size_id = np.array([sizes.index(hw) for hw in sizes], dtype=np.int64)  # per file
@@ -168,7 +168,7 @@ class TrajectoryDataset(Dataset):
         self.waypoints: np.ndarray | None = None  # (N, 3) normalized WAYPOINT targets
         self.waypoint_scale: np.ndarray | None = None
         if waypoint_dims is not None:
-            raw = next_waypoints(self.state[:, waypoint_dims], self.raw_actions[:, -1], lengths)
+            raw = next_waypoints(self.state[:, waypoint_dims], self.raw_actions[:, GRIPPER_DIM], lengths)
             self.waypoint_scale = (
                 np.asarray(waypoint_scale, dtype=np.float32)
                 if waypoint_scale is not None
@@ -194,10 +194,6 @@ class TrajectoryDataset(Dataset):
     @property
     def num_demos(self) -> int:
         return len(self.refs)
-
-    def image_bytes(self) -> int:
-        """RAM that caching every image of this dataset takes (stored size)."""
-        return sum(r.length * self.frame_bytes[r.file] for r in self.refs)
 
     # ---- file handles (one per process) ------------------------------------------------------
 
@@ -309,7 +305,7 @@ class TrajectoryDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         d, t = self.sample_demo[idx], self.sample_t[idx]  # (B,), (B,)
         start, length = self.demo_start[d], self.demo_len[d]  # (B,)
-        hist = np.maximum(t[:, None] + np.arange(1 - self.spec.history, 1), 0)  # (B, T) repeat first frame
+        hist = history_indices(t, self.spec.history)  # (B, T): frame 0 repeats before the start
         steps = t[:, None] + np.arange(self.chunk)  # (B, H)
         is_pad = steps > (length - 1)[:, None]  # (B, H)
         steps = np.minimum(steps, (length - 1)[:, None])  # repeat the last action

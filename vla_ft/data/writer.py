@@ -1,6 +1,6 @@
 """Write trajectories to HDF5 in the robomimic / LIBERO layout (h5py + numpy only, no torch).
 
-Layout (docs/interfaces.md)::
+Layout (docs/reference/hdf5-layouts.md)::
 
     data/                    attrs: env_args (JSON), problem_info (JSON), total
     data/demo_<i>/           attrs: num_samples, language_instruction, task, seed

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vla_ft import errors
-from vla_ft.errors import EnvError, VLAFTError
+from vla_ft.errors import EnvError, VLAFTError, from_suite
 
 STARTUP_TIMEOUT_S = 180.0  # spawn + imports + one env build and reset on a loaded 2-core machine
 # optional packages an env may need, and the pip extra (pyproject.toml) that installs each
@@ -109,6 +109,7 @@ _ENV_KEYS = {
 
 def build_error(exc: BaseException, env_cfg: Any) -> VLAFTError:
     """One line for an exception raised while building or resetting ``env_cfg``'s env."""
+    exc = from_suite(exc)  # the MuJoCo suite's errors as vla_ft's EnvError
     if isinstance(exc, VLAFTError):
         return exc
     if isinstance(exc, ModuleNotFoundError) and exc.name:

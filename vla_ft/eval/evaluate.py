@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vla_ft.errors import ConfigError, EnvError
+from vla_ft.errors import ConfigError, EnvError, suite_errors
 from vla_ft.eval.env_check import EnvSpec, config_name
 from vla_ft.eval.env_match import check_spec, expected_from_policy, fallback_instruction
 from vla_ft.eval.policies import ExpertPolicy, RandomPolicy, check_policy, runs_in_worker
@@ -79,7 +79,7 @@ def check_tasks(env_cfg: Any) -> None:
             the task without the goal set asked for.
     """
     from envs.env import check_goal_options
-    from envs.registry import list_tasks
+    from envs.tasks import list_tasks
 
     valid = list_tasks()
     names = task_names(env_cfg)
@@ -100,7 +100,8 @@ def check_tasks(env_cfg: Any) -> None:
             "env.type=gym with env.gym_id)"
         )
     for name in names:
-        check_goal_options(name, env_cfg.goals, env_cfg.instructions, prefix="env.")
+        with suite_errors():
+            check_goal_options(name, env_cfg.goals, env_cfg.instructions, prefix="env.")
 
 
 @dataclass

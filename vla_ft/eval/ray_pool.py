@@ -25,7 +25,7 @@ import socket
 from typing import Any
 
 from vla_ft.errors import ConfigError, EnvError
-from vla_ft.eval.pool import STARTUP_TIMEOUT_S, BasePool, WorkerError
+from vla_ft.eval.pool_base import STARTUP_TIMEOUT_S, BasePool, WorkerError
 from vla_ft.eval.worker import CRASH_ENV_VAR, HANG_ENV_VAR, EnvHost, error_reply
 
 INSTALL_HINT = "eval.backend=ray needs Ray, which is not installed: pip install -e '.[ray]'"

@@ -3,61 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import platform
-import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from vla_ft.config import REPO_ROOT
 from vla_ft.eval.scoring import REASON_CRASH
-
-PACKAGES = ("numpy", "torch", "mujoco", "gymnasium", "vla-ft", "transformers", "timm", "metaworld", "ray")
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def package_versions() -> dict[str, str | None]:
-    """Python and the versions of the packages that decide results (PACKAGES)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    versions.update({pkg: _version(pkg) for pkg in PACKAGES})
-    return versions
-
-
-def git_commit() -> str | None:
-    """HEAD of the repository holding this package, with ``+dirty`` when the tree has changes."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from vla_ft.integrity import sha256_file
+from vla_ft.provenance import git_commit, package_versions
 
 
 def checkpoint_hash(ckpt: str | Path | None) -> str | None:
@@ -65,7 +18,7 @@ def checkpoint_hash(ckpt: str | Path | None) -> str | None:
     if ckpt is None:
         return None
     weights = Path(ckpt) / "model.safetensors"
-    return file_sha256(weights) if weights.is_file() else None
+    return sha256_file(weights) if weights.is_file() else None
 
 
 def _plain(obj: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from vla_ft.eval.policies import runs_in_worker
-from vla_ft.eval.pool import BasePool
+from vla_ft.eval.pool_base import BasePool
 from vla_ft.eval.scoring import REASON_CRASH, EpisodeResult
 
 

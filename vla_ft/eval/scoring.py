@@ -78,8 +78,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denom = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    # exact at the ends: center - half at k=0 is 0 only up to rounding (3.5e-18 at 0/100), which put
-    # the lower bound above the rate and broke compare.py's error bars
+    # exact at the ends: center - half at k=0 is 0 only up to rounding (3.5e-18 for 0 of 100), which
+    # would put the lower bound above the rate (a negative error bar in a plot)
     low = 0.0 if successes == 0 else max(0.0, center - half)
     high = 1.0 if successes == n else min(1.0, center + half)
     return low, high

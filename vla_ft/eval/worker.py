@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from vla_ft.errors import VLAFTError
+from vla_ft.data.layout import history_indices
+from vla_ft.errors import VLAFTError, from_suite
 from vla_ft.eval.scoring import REASON_PHYSICS, REASON_SUCCESS, REASON_TERMINATED, REASON_TIMEOUT
 
 # Test hooks: the worker asked to reset episode number N kills itself with SIGKILL / stops answering.
@@ -52,7 +53,7 @@ def make_env(env_cfg: Any, max_steps: int | None, render: bool = True) -> Any:
         resolve_gym_id(env_cfg.gym_id)  # imports the module registering the id (e.g. Meta-World/...)
         return GymAdapter(env_cfg, max_steps=max_steps, render=render)
     if env_cfg.type == "robosuite":
-        from vla_ft.eval.robosuite_env import RobosuiteEnv, resolve_env_args
+        from vla_ft.sim.robosuite_env import RobosuiteEnv, resolve_env_args
 
         args = resolve_env_args(env_cfg, env_cfg.env_args_from)
         return RobosuiteEnv(args, max_steps=max_steps, render=render, instruction=env_cfg.instruction)
@@ -99,7 +100,7 @@ class _Slot:
         if self.history == 1:
             return self.obs
         frames = list(self.frames)
-        frames = [frames[0]] * (self.history - len(frames)) + frames  # pad by repeating the first
+        frames = [frames[i] for i in history_indices(len(frames) - 1, self.history)]  # the first repeats
         return {k: np.stack([f[k] for f in frames]) for k in self.obs}  # (T, ...)
 
 
@@ -229,7 +230,7 @@ class EnvHost:
 
 def error_reply() -> tuple:
     """The reply for the exception being handled: a user error as itself, anything else as a traceback."""
-    exc = sys.exc_info()[1]
+    exc = from_suite(sys.exc_info()[1])  # the MuJoCo suite's errors as vla_ft's EnvError
     if isinstance(exc, VLAFTError):  # unknown task, bad key map, NaN action: re-raised as is
         return ("user_error", exc)
     return ("error", traceback.format_exc())

@@ -5,7 +5,7 @@ from vla_ft.models.loading import build_policy, from_pretrained, load_vla, save_
 from vla_ft.models.params import ParamInfo, count_parameters, param_info
 from vla_ft.models.policy import ModelDims, VLAPolicy
 from vla_ft.models.presets import PRESETS, Preset, get_preset, list_presets
-from vla_ft.models.tokenizer import load_tokenizer
+from vla_ft.models.source import load_tokenizer
 
 __all__ = [
     "ACTION_HEADS",

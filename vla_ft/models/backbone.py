@@ -1,15 +1,17 @@
 """Native backbone: timm vision encoder -> MLP projector -> transformers language model.
 
-Every backbone (this one and :class:`vla_ft.models.vlm.VLMBackbone`) offers the same interface to
-the policy: ``encode_images``, ``embed_tokens``, ``forward``, ``hidden_size``, ``depths`` and
-``set_gradient_checkpointing``. A backbone with ``conditions_vision = True`` (this one with
-``film``) also offers ``encode_text(ids, mask)``, and the policy passes its output to
-``encode_images(images, cond)`` (FiLM).
+Every backbone of a :class:`~vla_ft.models.policy.VLAPolicy` (this one and
+:class:`vla_ft.models.vlm.VLMBackbone`) implements :class:`Backbone`: ``encode_images``,
+``embed_tokens``, ``forward``, ``hidden_size``, ``depths``, ``set_gradient_checkpointing`` and two
+declared capabilities. A backbone with ``conditions_vision = True`` (this one with ``film``) also
+offers ``encode_text(ids, mask)``, and the policy passes its output to ``encode_images(images,
+cond)`` (FiLM). A backbone with ``heatmap_count > 0`` (this one with keypoints) returns that many
+keypoint heat maps per image from ``encode_images(images, cond, heatmaps=True)``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -19,6 +21,44 @@ from vla_ft.models.language import LanguageBackbone
 from vla_ft.models.vision import TimmVisionEncoder
 
 Depths = dict[str, tuple[str, int, int]]  # param name -> (module, depth, num_layers)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What :class:`~vla_ft.models.policy.VLAPolicy` needs from its backbone.
+
+    Attributes:
+        hidden_size: width D of the tokens it embeds and returns.
+        vocab_size: rows of its token embedding table.
+        conditions_vision: ``encode_text`` exists and ``encode_images`` takes its output (FiLM).
+        heatmap_count: keypoint heat maps per image ``encode_images(..., heatmaps=True)`` returns
+            (0: none, and ``encode_images`` takes no ``heatmaps`` argument).
+    """
+
+    hidden_size: int
+    vocab_size: int
+    conditions_vision: bool
+    heatmap_count: int
+
+    def encode_images(self, images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """float (N, 3, H, W) in [0, 1] -> (N, P, D) tokens (and heat maps when asked)."""
+        ...
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, D) embeddings."""
+        ...
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) input embeddings and (B, N) attention mask -> (B, N, D) hidden states."""
+        ...
+
+    def set_gradient_checkpointing(self, enable: bool) -> None:
+        """Turn activation checkpointing on or off."""
+        ...
+
+    def depths(self) -> Depths:
+        """Module, depth and layer count of every parameter (names relative to the backbone)."""
+        ...
 
 
 class NativeBackbone(nn.Module):
@@ -73,9 +113,9 @@ class NativeBackbone(nn.Module):
         self.vocab_size = int(self.language.model.get_input_embeddings().num_embeddings)
 
     @property
-    def has_heatmaps(self) -> bool:
-        """The vision encoder has spatial-softmax keypoints whose heat maps ``heatmaps`` returns."""
-        return self.vision.keypoints is not None
+    def heatmap_count(self) -> int:
+        """Spatial-softmax keypoint heat maps per image of the vision encoder (0: no keypoints)."""
+        return self.vision.heatmap_count
 
     def encode_images(
         self, images: torch.Tensor, cond: torch.Tensor | None = None, heatmaps: bool = False

@@ -1,10 +1,9 @@
 """``bc-cnn``: a plain CNN behaviour-cloning policy, the baseline a VLA is judged against.
 
-A ~1.7M-parameter CNN of this kind, trained from scratch with an L1 action loss, reached 91% on
-pick_place where our tiny VLA from scratch reached 7%; users should see that reference point on
-their own data, trained and scored by the same loop, checkpoint format and evaluator
-(``scripts/compare.py`` row ``bc_cnn``; docs/models.md). This preset's own pick_place score has not
-been measured yet.
+A small CNN of this kind, trained from scratch with an L1 action loss, is a strong behaviour-cloning
+baseline (docs/models.md has the reference numbers); users should see that reference point on their
+own data, trained and scored by the same loop, checkpoint format and evaluator
+(``scripts/compare.py`` row ``bc_cnn``; docs/models.md).
 
 Architecture (``Preset.kind == "cnn"``; the numbers are the preset's, ``model.extra`` overrides them):
 
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vla_ft.config import ModelConfig
+from vla_ft.config import MODEL_EXTRA_KNOBS, ModelConfig
 from vla_ft.constants import (
     ACTION,
     IMAGES,
@@ -69,20 +68,9 @@ from vla_ft.models.vision import SpatialSoftmax
 
 KIND = "cnn"
 # the architecture keys of a cnn preset (each overridable with model.extra.<key>)
-ARCH_KEYS = (
-    "channels",
-    "strides",
-    "keypoints",
-    "keypoint_features",
-    "text_features",
-    "state_features",
-    "max_tokens",
-    "width",
-    "depth",
-    "vocab_size",
-)
+ARCH_KEYS = MODEL_EXTRA_KNOBS[KIND]
 # model.extra knobs of the native (timm + language model) presets, meaningless here
-NATIVE_KNOBS = ("vision_kwargs", "pool_grid", "channels_last", "film", "keypoint_tokens", "keypoint_window")
+NATIVE_KNOBS = tuple(k for k in MODEL_EXTRA_KNOBS["native"] if k not in ARCH_KEYS)
 CHECKPOINTING = (
     "model.gradient_checkpointing=true does not apply to a bc-cnn policy (a small CNN + MLP with no "
     "transformer layers to recompute): set model.gradient_checkpointing=false"
@@ -247,7 +235,7 @@ class CNNBackbone(nn.Module):
         dropout: after every MLP layer (``model.dropout``).
     """
 
-    has_heatmaps = False  # VLAPolicy.heatmaps / the probe: no keypoint maps tied to the instruction
+    heatmap_count = 0  # VLAPolicy.heatmaps / the probe: no keypoint maps tied to the instruction
     conditions_vision = False
 
     def __init__(
@@ -352,12 +340,15 @@ class BCCNNPolicy(VLAPolicy):
         hidden = self.backbone(torch.cat(parts, dim=-1))  # (B, D)
         queries = (hidden[:, None] + self.action_queries[None].to(hidden.dtype)).float()  # (B, H, D)
         if self.cfg.action_head == "flow":  # trains on the target chunk when the batch has one
-            out = dict(self.action_head(queries, batch.get(ACTION), self.cfg.extra.get("num_steps")))
+            out = dict(self.action_head(queries, batch.get(ACTION), self.cfg.flow_steps))
         else:
             out = dict(self.action_head(queries))
         out.update(self.task_head(hidden.float()))
         out[OUT_HIDDEN] = hidden[:, None]
         return out
+
+    def lora_problem(self, r: int) -> str | None:
+        return lora_problem(r)
 
     def set_gradient_checkpointing(self, enable: bool) -> None:
         """Nothing to recompute: off is a no-op, on a ConfigError (the trainer calls it either way)."""

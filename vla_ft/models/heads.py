@@ -19,6 +19,7 @@ from vla_ft.constants import (
     OUT_TASK_LOGITS,
     OUT_WAYPOINT,
 )
+from vla_ft.losses import discretize
 from vla_ft.models.flow import euler_integrate, noisy_actions, sample_time, time_embedding
 
 
@@ -47,7 +48,7 @@ class BinnedActionHead(nn.Module):
     """OpenVLA-style discrete actions: ``n_bins`` uniform bins per dimension over [-r, r].
 
     Normalized targets outside [-r, r] (possible with mean_std normalization) fall into the edge
-    bins: :meth:`to_bins` clamps them first. ``OUT_ACTION`` is decoded as the softmax expectation
+    bins (:meth:`to_bins`, the loss's binning). ``OUT_ACTION`` is decoded as the softmax expectation
     of the bin centers (``decode="expectation"``, differentiable) or the argmax bin center.
 
     Args:
@@ -73,9 +74,9 @@ class BinnedActionHead(nn.Module):
         self.register_buffer("centers", (edges[:-1] + edges[1:]) / 2, persistent=False)  # (NB,)
 
     def to_bins(self, actions: torch.Tensor) -> torch.Tensor:
-        """Normalized actions (..., A) -> int64 bin ids (..., A) in [0, NB), clamped at the edges."""
-        x = (actions.clamp(-self.bin_range, self.bin_range) + self.bin_range) / (2 * self.bin_range)
-        return (x * self.n_bins).long().clamp(0, self.n_bins - 1)
+        """Normalized actions (..., A) -> int64 bin ids (..., A) in [0, NB), clamped at the edges: the
+        loss's :func:`vla_ft.losses.discretize` over [-r, r]."""
+        return discretize(actions, self.n_bins, -self.bin_range, self.bin_range)
 
     def from_bins(self, ids: torch.Tensor) -> torch.Tensor:
         """Bin ids (..., A) -> bin-center actions (..., A)."""
@@ -149,7 +150,8 @@ class TaskHead(nn.Module):
 
     The waypoint (where the hand is at the next gripper open/close, relative to where it is now) is
     a dense, metric target for "where is the named object / destination": the bang-bang actions of
-    scripted and teleoperated demos teach localization one sign at a time (docs/training.md).
+    scripted and teleoperated demos teach localization one sign at a time (see
+    docs/experiments/2026-11-pick-place-rounds.md, second round).
 
     Args:
         hidden: D.

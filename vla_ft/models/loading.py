@@ -27,14 +27,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
-from vla_ft.config import ModelConfig
-from vla_ft.errors import CheckpointError
+from vla_ft.config import FLOW_STEPS_KNOB, MODEL_EXTRA_KNOBS, ModelConfig
+from vla_ft.errors import CheckpointError, ConfigError
 from vla_ft.integrity import model_files, verify, write_manifest
 from vla_ft.models.backbone import NativeBackbone
 from vla_ft.models.bc_cnn import build_bc_cnn, resolve_cnn_arch
 from vla_ft.models.language import hub_or_dir
 from vla_ft.models.params import apply_freeze, count_parameters
-from vla_ft.models.policy import ModelDims, VLAPolicy
+from vla_ft.models.policy import ModelDims, VLAPolicy, register_checkpoint_io
 from vla_ft.models.presets import PRESETS, get_preset
 from vla_ft.models.tokenizer import byte_tokenizer, check_vocab, has_tokenizer, read_tokenizer
 from vla_ft.models.vlm import VLMBackbone
@@ -63,16 +63,34 @@ def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
     return text
 
 
+def _check_knobs(cfg: ModelConfig, kind: str) -> None:
+    """Every ``model.extra`` key is a knob this kind of model reads (bc-cnn checks its own)."""
+    own = (*MODEL_EXTRA_KNOBS[kind], FLOW_STEPS_KNOB)
+    other = [key for key in cfg.extra if key not in own]
+    if other:
+        raise ConfigError(
+            f"model.extra has {', '.join(other)}, which a {kind} model (model.preset={cfg.preset!r}"
+            f"{', model.vlm' if cfg.vlm is not None else ''}) does not read; its knobs are "
+            f"{', '.join(own)}: remove them"
+        )
+
+
 def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
-    """The architecture to build: preset values with the config's overrides applied."""
+    """The architecture to build: preset values with the config's overrides applied.
+
+    Raises:
+        ConfigError: a ``model.extra`` knob of another kind of model, or an invalid bc-cnn value.
+    """
     preset = get_preset(cfg.preset)
     if preset.kind == "cnn":
         return resolve_cnn_arch(preset.cnn, cfg)
     if cfg.vlm is not None or preset.kind == "vlm":
+        _check_knobs(cfg, "vlm")
         vlm: Any = cfg.vlm if cfg.vlm is not None else copy.deepcopy(preset.vlm)
         if isinstance(vlm, dict):
             vlm["text_config"] = _size_overrides(vlm["text_config"], cfg)
         return {"kind": "vlm", "vlm": vlm}
+    _check_knobs(cfg, "native")
     custom_vision = cfg.vision is not None and cfg.vision != preset.vision
     language: Any = cfg.language if cfg.language is not None else _size_overrides(preset.language, cfg)
     return {
@@ -382,3 +400,6 @@ def load_vla(model_cfg: ModelConfig, info: Any = None) -> VLAPolicy:
     log.info("VLA policy: %s trainable / %s parameters", f"{trainable:,}", f"{total:,}")
     print(f"[vla_ft.models] {trainable:,} trainable / {total:,} parameters")
     return policy
+
+
+register_checkpoint_io(save_pretrained, from_pretrained)

@@ -212,17 +212,17 @@ def apply_lora(policy: VLAPolicy, cfg: LoraConfig, resume: str | Path | None = N
         The same object, now a :class:`LoRAPolicy` (or unchanged for ``r == 0``).
 
     Raises:
-        ConfigError: peft is missing, or a target module has no adaptable layer.
+        ConfigError: the policy takes no adapters (``policy.lora_problem``), peft is missing, or a
+            target module has no adaptable layer.
         CheckpointError: ``resume`` does not match ``cfg`` (with or without LoRA, other settings).
     """
     resume = Path(resume) if resume is not None else None
     meta = _check_resume(cfg, resume)
     if cfg.r == 0:
         return policy
-    if getattr(policy, "arch", {}).get("kind") == "cnn":
-        from vla_ft.models.bc_cnn import lora_problem
-
-        raise ConfigError(lora_problem(cfg.r))
+    problem = policy.lora_problem(cfg.r)  # a kind of policy without a backbone LoRA can adapt
+    if problem is not None:
+        raise ConfigError(problem)
     if isinstance(policy, LoRAPolicy):
         raise ConfigError("apply_lora: this policy already has LoRA adapters")
     peft = _peft()

@@ -11,16 +11,58 @@ With a causal LM every query sees the images, the state and the instruction; the
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 
 from vla_ft.config import ModelConfig
-from vla_ft.constants import ACTION, IMAGES, INSTR_IDS, INSTR_MASK, OUT_ACTION, OUT_HEATMAP, OUT_HIDDEN, STATE
+from vla_ft.constants import (
+    ACTION,
+    IMAGES,
+    INSTR_IDS,
+    INSTR_MASK,
+    OUT_ACTION,
+    OUT_HEATMAP,
+    OUT_HIDDEN,
+    OUT_PROGRESS,
+    OUT_TASK_LOGITS,
+    OUT_WAYPOINT,
+    STATE,
+)
+from vla_ft.data.layout import history_indices
+from vla_ft.models.backbone import Backbone
 from vla_ft.models.heads import ACTION_HEADS, TaskHead
+
+# The checkpoint writer and reader behind VLAPolicy.save_pretrained / from_pretrained, installed by
+# vla_ft/models/loading.py (see register_checkpoint_io).
+_CHECKPOINT_IO: dict[str, Callable[..., Any]] = {}
+
+
+def register_checkpoint_io(save: Callable[..., Any], load: Callable[..., Any]) -> None:
+    """Install the checkpoint writer and reader behind :meth:`VLAPolicy.save_pretrained` and
+    :meth:`VLAPolicy.from_pretrained`.
+
+    vla_ft/models/loading.py installs its own when imported, and importing any module of
+    vla_ft.models imports it first (the package's ``__init__``). This module cannot import loading:
+    loading builds every kind of policy, each a subclass of :class:`VLAPolicy`.
+    """
+    _CHECKPOINT_IO.update(save=save, load=load)
+
+
+@runtime_checkable
+class HeatmapSource(Protocol):
+    """A policy that shows where its keypoint heat maps look (``VLAPolicy`` and its subclasses; the
+    probe, vla_ft/tools/probe.py, scores them when ``heatmap_count > 0``)."""
+
+    heatmap_count: int
+
+    def heatmaps(self, obs: dict[str, np.ndarray], instructions: list[str]) -> np.ndarray:
+        """float32 (N, K cameras, Q keypoints, h, w) softmax maps of a batched observation."""
+        ...
 
 
 @dataclass
@@ -61,10 +103,14 @@ class ModelDims:
 class VLAPolicy(nn.Module):
     """A vision-language-action policy.
 
+    Its capabilities are declared, not probed: :attr:`heatmap_count`, :attr:`task_outputs` (what
+    the task terms of the loss can read, vla_ft/task_terms.py) and :meth:`lora_problem`; subclasses
+    (bc-cnn, SmolVLA) override them.
+
     Args:
         cfg: the model config (head type, bins, inference options).
         dims: data shapes.
-        backbone: a NativeBackbone or VLMBackbone.
+        backbone: a :class:`~vla_ft.models.backbone.Backbone` (NativeBackbone or VLMBackbone).
         tokenizer: the instruction tokenizer (``policy.tokenizer``).
         arch: resolved architecture description (saved in config.json to rebuild the model).
     """
@@ -73,6 +119,8 @@ class VLAPolicy(nn.Module):
         self, cfg: ModelConfig, dims: ModelDims, backbone: nn.Module, tokenizer: Any, arch: dict
     ) -> None:
         super().__init__()
+        if not isinstance(backbone, Backbone):
+            raise TypeError(f"{type(backbone).__name__} does not implement vla_ft.models.backbone.Backbone")
         self.cfg, self.dims, self.tokenizer, self.arch = cfg, dims, tokenizer, arch
         self.normalizer: Any = None
         self.backbone = backbone
@@ -85,7 +133,7 @@ class VLAPolicy(nn.Module):
         # CNN can look for "the red cube" while the gripper is open and "the blue bowl" once it holds
         # the cube (a text-only FiLM must extract both at once; docs/models.md). Zero-init: a
         # checkpoint without it behaves as before.
-        self.state_film = nn.Linear(s, d) if s > 0 and getattr(backbone, "conditions_vision", False) else None
+        self.state_film = nn.Linear(s, d) if s > 0 and backbone.conditions_vision else None
         if self.state_film is not None:
             nn.init.zeros_(self.state_film.weight)
             nn.init.zeros_(self.state_film.bias)
@@ -97,6 +145,24 @@ class VLAPolicy(nn.Module):
         )
         self.task_head = TaskHead(d, dims.num_tasks)
         self.reset()
+
+    # ------------------------------------------------------------------ capabilities
+    @property
+    def heatmap_count(self) -> int:
+        """Keypoint heat maps per camera image that ``forward`` returns as OUT_HEATMAP (0: none)."""
+        return self.backbone.heatmap_count
+
+    @property
+    def task_outputs(self) -> frozenset[str]:
+        """The task outputs ``forward`` returns: the task head's, and the heat maps when it has them."""
+        heat = (OUT_HEATMAP,) if self.heatmap_count else ()
+        return frozenset((OUT_TASK_LOGITS, OUT_PROGRESS, OUT_WAYPOINT, *heat))
+
+    def lora_problem(self, r: int) -> str | None:
+        """Why LoRA adapters of rank ``r`` (``model.lora.r``) cannot go on this policy; None: they can
+        (vla_ft/models/lora.py)."""
+        del r
+        return None
 
     # ------------------------------------------------------------------ training forward
     @property
@@ -115,7 +181,7 @@ class VLAPolicy(nn.Module):
         if not ids.is_cuda:  # right-padded: drop columns of padding only (a host sync: CPU only)
             n = max(1, int(mask.sum(1).max()))
             ids, mask = ids[:, :n], mask[:, :n]
-        if getattr(self.backbone, "conditions_vision", False):  # FiLM: the instruction steers the CNN
+        if self.backbone.conditions_vision:  # FiLM: the instruction steers the CNN
             cond = self.backbone.encode_text(ids, mask)  # (B, D)
             if self.state_film is not None:
                 cond = cond + self.state_film(batch[STATE].reshape(b, -1).to(cond.dtype))
@@ -123,7 +189,7 @@ class VLAPolicy(nn.Module):
         else:
             cond = None
         heat = None
-        if getattr(self.backbone, "has_heatmaps", False):
+        if self.heatmap_count:
             img, heat = self.backbone.encode_images(x, cond, heatmaps=True)  # (B*T*K, P, D), (B*T*K, Q, h, w)
             heat = heat.reshape(b, t, k, *heat.shape[1:])[:, -1]  # (B, K, Q, h, w): the current frame
         else:
@@ -158,8 +224,7 @@ class VLAPolicy(nn.Module):
         h = self.dims.chunk
         queries = hidden[:, -h - 1 : -1].float()
         if self.cfg.action_head == "flow":  # trains on the target chunk when the batch has one
-            steps = self.cfg.extra.get("num_steps")
-            out = dict(self.action_head(queries, batch.get(ACTION), steps))
+            out = dict(self.action_head(queries, batch.get(ACTION), self.cfg.flow_steps))
         else:
             out = dict(self.action_head(queries))
         out.update(self.task_head(hidden[:, -1].float()))
@@ -175,16 +240,12 @@ class VLAPolicy(nn.Module):
     def save_pretrained(self, out_dir: Any, manifest: bool = True) -> Any:
         """Write config.json, model.safetensors, normalization.json and tokenizer files (and
         ``manifest.json`` with their sha256 unless ``manifest=False``)."""
-        from vla_ft.models.loading import save_pretrained
-
-        return save_pretrained(self, out_dir, manifest=manifest)
+        return _CHECKPOINT_IO["save"](self, out_dir, manifest=manifest)
 
     @classmethod
     def from_pretrained(cls, path: Any, cfg: ModelConfig | None = None, info: Any = None) -> VLAPolicy:
         """Load a checkpoint directory written by :meth:`save_pretrained`."""
-        from vla_ft.models.loading import from_pretrained
-
-        return from_pretrained(path, cfg, info)
+        return _CHECKPOINT_IO["load"](path, cfg, info)
 
     def set_normalizer(self, normalizer: Any) -> None:
         """Install action/state normalization stats (used by predict_action and saved with the model)."""
@@ -215,8 +276,8 @@ class VLAPolicy(nn.Module):
         for key in (IMAGES, STATE):  # too few frames: repeat the oldest (as at an episode start)
             x = inputs[key]
             if x.shape[1] < self.dims.history:
-                pad = x[:, :1].expand(-1, self.dims.history - x.shape[1], *x.shape[2:])
-                inputs[key] = torch.cat([pad, x], dim=1)
+                frames = history_indices(x.shape[1] - 1, self.dims.history)
+                inputs[key] = x[:, torch.from_numpy(frames)]
         tok = self.tokenizer(instructions, padding="longest", return_tensors="pt")
         inputs[INSTR_IDS] = tok["input_ids"].long()
         inputs[INSTR_MASK] = tok["attention_mask"].long()
@@ -246,7 +307,7 @@ class VLAPolicy(nn.Module):
         """Where the keypoint heat maps look: their softmax over the current frame's cells.
 
         Map 0 of each camera is trained (``grounding`` loss) to peak on the named object, map 1 on
-        the destination; ``vla_ft.eval.probe`` scores them against the demo files' labels.
+        the destination; ``vla_ft.tools.probe`` scores them against the demo files' labels.
 
         Args:
             obs: a batched observation (leading N, then T history frames), as for ``predict_action``.
@@ -258,7 +319,7 @@ class VLAPolicy(nn.Module):
         Raises:
             ValueError: the backbone has no keypoint heat maps (only native backbones with keypoints).
         """
-        if not getattr(self.backbone, "has_heatmaps", False):
+        if not self.heatmap_count:
             raise ValueError(
                 "this policy has no keypoint heat maps (a native backbone with model.extra.keypoints > 0 has)"
             )

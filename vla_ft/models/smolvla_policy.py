@@ -94,7 +94,8 @@ class SmolVLAPolicy(VLAPolicy):
     ``OUT_ACTION`` sampled with ``num_steps`` Euler steps from noise.
     """
 
-    task_terms_supported: tuple[str, ...] = ()  # no task heads: loss.task_terms must be empty
+    heatmap_count = 0  # no keypoint layer
+    task_outputs: frozenset[str] = frozenset()  # no task heads: loss.task_terms must be empty
 
     def __init__(self, cfg: ModelConfig, dims: ModelDims, model: SmolVLAModel, processor: SmolVLAProcessor):
         nn.Module.__init__(self)
@@ -133,6 +134,12 @@ class SmolVLAPolicy(VLAPolicy):
         self.reset()
 
     # ------------------------------------------------------------------ VLAPolicy interface
+    def lora_problem(self, r: int) -> str | None:
+        return (
+            f"model.lora.r={r} does not apply to a SmolVLA checkpoint (LoRA here adapts the backbone of "
+            f"a vla-ft policy): set model.lora.r=0 (full fine-tuning; model.freeze can freeze modules)"
+        )
+
     @property
     def action_bins(self) -> None:
         return None
@@ -159,8 +166,7 @@ class SmolVLAPolicy(VLAPolicy):
         inputs = self._model_inputs(batch)
         a = self.dims.action_dim
         if ACTION not in batch:
-            steps = self.cfg.extra.get("num_steps")
-            actions = self.backbone.sample_actions(**inputs, num_steps=steps)
+            actions = self.backbone.sample_actions(**inputs, num_steps=self.cfg.flow_steps)
             return {OUT_ACTION: actions[..., :a]}
         target = batch[ACTION].float()
         t = sample_time(target.shape[0], target.device)

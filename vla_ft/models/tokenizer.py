@@ -61,21 +61,3 @@ def check_vocab(tokenizer: Any, vocab_size: int, where: str) -> None:
             f"{where}: tokenizer has {len(tokenizer)} tokens but the embedding table only {vocab_size}; "
             "use the backbone's own tokenizer"
         )
-
-
-def load_tokenizer(model_cfg: Any) -> Any:
-    """The tokenizer a policy built/loaded from ``model_cfg`` will use (needed before the data loads).
-
-    A checkpoint dir's saved tokenizer; else the tokenizer in the ``model.vlm`` / ``model.language``
-    dir when it has one; else the byte-level tokenizer.
-    """
-    trust = bool(getattr(model_cfg, "trust_remote_code", False))
-    if model_cfg.pretrained is not None and Path(model_cfg.pretrained).is_dir():
-        from vla_ft.models.smolvla_policy import is_smolvla_dir, smolvla_tokenizer
-
-        if is_smolvla_dir(model_cfg.pretrained):  # its SmolVLM tokenizer with LeRobot's text rules
-            return smolvla_tokenizer(model_cfg.pretrained, model_cfg.vlm)
-    for source in (model_cfg.pretrained, model_cfg.vlm, model_cfg.language):
-        if source is not None and Path(source).is_dir() and has_tokenizer(source):
-            return read_tokenizer(source, trust)
-    return byte_tokenizer()

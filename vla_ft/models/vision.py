@@ -68,11 +68,10 @@ class SpatialSoftmax(nn.Module):
     With ``window > 0`` the keypoint is read locally: the softmax is restricted to the
     ``(2 * window + 1)^2`` cells around the heat map's peak (a local soft-argmax). The global
     expectation of a diffuse heat map is pulled toward the image centre and toward every other
-    bright spot (another cube of the named color): the fine-tuned ``tiny`` policy's keypoint 0 was
-    within one cell of the named cube on 23-27% of first frames where its argmax was on 77-80%, up
-    to 1.9 cells short of objects near the image edge (docs/training.md, "Sixth round"); fine-tuning
-    the shipped base with a window did not raise success (76 vs 81/100), so presets keep 0. The
-    heat-map logits returned (and supervised by the ``grounding`` loss) are the full map either way.
+    bright spot (another cube of the named color), most near the image edge. Fine-tuning the shipped
+    base with a window did not raise success, so presets keep 0 (see
+    docs/experiments/2026-11-tiny-vision-pathway.md). The heat-map logits returned (and supervised by
+    the ``grounding`` loss) are the full map either way.
     """
 
     def __init__(
@@ -177,6 +176,7 @@ class TimmVisionEncoder(nn.Module):
             if keypoints > 0
             else None
         )
+        self.heatmap_count = max(0, int(keypoints))  # keypoint heat maps per image
         self.film: nn.ModuleList | None = None
         self._film_stages: list[str] = []
         if film_dim > 0:

@@ -54,6 +54,9 @@ class VLMBackbone(nn.Module):
         image_stats: (mean, std) per channel; default: the dir's preprocessor_config.json, else 0.5.
     """
 
+    conditions_vision = False  # the instruction reaches the images only in the language model
+    heatmap_count = 0  # no keypoint layer
+
     def __init__(
         self,
         spec: str | dict[str, Any],

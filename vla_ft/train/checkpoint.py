@@ -31,12 +31,10 @@ import errno
 import json
 import os
 import pickle
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -45,22 +43,6 @@ from vla_ft.integrity import manifest_bytes, verify, write_manifest
 
 STATE_DIR = "training_state"
 DCP_DIR = "dcp"  # torch.distributed.checkpoint shards of model + optimizer (distributed runs)
-
-
-def _rng_to_json() -> dict[str, Any]:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-
-
-def _rng_from_json(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
 def save_checkpoint(
@@ -84,7 +66,8 @@ def save_checkpoint(
         step: optimizer step the checkpoint is taken after.
         save_model: callable(dir) writing the model directory (``policy.save_pretrained``); in a
             distributed run every rank calls it (FSDP gathers the weights) and it writes on rank 0.
-        training_state: JSON-able values (step, data position, wandb id, history, ...).
+        training_state: JSON-able values for ``state.json`` (step, data position, host RNGs, wandb id,
+            history, ...: :meth:`TrainState.state_dict <vla_ft.train.state.TrainState.state_dict>`).
         tensors: torch-serializable state dicts: ``optimizer``, ``scheduler``, ``scaler``, ``rng``
             (``rng`` is this rank's; the rest are written by rank 0).
         raw_weights: non-EMA weights when EMA is on (saved as ``raw_model.safetensors``).
@@ -123,9 +106,7 @@ def save_checkpoint(
                 )
         _barrier(ctx)  # every rank's files are in tmp before it is renamed
         if main:
-            state = dict(training_state)
-            state["rng_host"] = _rng_to_json()
-            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
+            (state_dir / "state.json").write_text(json.dumps(training_state, indent=1))
             write_manifest(tmp)  # last: a checkpoint with a manifest was completely written
     except OSError as exc:
         if main:
@@ -275,7 +256,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 
 def load_training_state(ckpt: Path, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read ``training_state/`` of a checkpoint: (json state, tensors by name). Host RNGs restored.
+    """Read ``training_state/`` of a checkpoint: (json state, tensors by name), which
+    :meth:`TrainState.load_state_dict <vla_ft.train.state.TrainState.load_state_dict>` resumes from.
 
     The checkpoint's files are verified against its manifest first. ``tensors["rng"]`` is rank
     ``rank``'s RNG state when the checkpoint has one for it (else rank 0's); ``tensors["sharded"]``
@@ -310,7 +292,6 @@ def load_training_state(ckpt: Path, rank: int = 0) -> tuple[dict[str, Any], dict
         tensors["raw_model"] = read_safetensors(raw)
     if (state_dir / DCP_DIR).is_dir():
         tensors["sharded"] = state_dir / DCP_DIR
-    _rng_from_json(state.pop("rng_host"))
     return state, tensors
 
 

@@ -234,8 +234,3 @@ def grad_sync_context(model: nn.Module, ctx: DistContext):
     if ctx.mode != "ddp":
         return None
     return lambda last: contextlib.nullcontext() if last else model.no_sync()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The policy inside a DDP wrapper (FSDP2 shards in place: the module is the policy)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

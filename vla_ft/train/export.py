@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from vla_ft.config import Config, config_to_dict
-from vla_ft.eval.report import file_sha256, git_commit, package_versions
+from vla_ft.integrity import sha256_file
+from vla_ft.provenance import git_commit, package_versions
 
 CARD_FILE, CARD_JSON = "README.md", "card.json"
 
@@ -34,7 +35,7 @@ def _data_facts(cfg: Config) -> dict[str, Any]:
         if p.is_file():
             with h5py.File(p, "r") as f:
                 entry["demos"] = len(f["data"]) if "data" in f else None
-                entry["sha256"] = file_sha256(p)
+                entry["sha256"] = sha256_file(p)
         files.append(entry)
     c = cfg.collect
     return {
@@ -56,7 +57,7 @@ def build_card(cfg: Config, run_dir: Path, ckpt: Path, summary: dict[str, Any]) 
         "git_commit": git_commit(),
         "source_run": str(run_dir),
         "source_checkpoint": ckpt.name,
-        "weights_sha256": file_sha256(ckpt / "model.safetensors"),
+        "weights_sha256": sha256_file(ckpt / "model.safetensors"),
         "seed": cfg.seed,
         "data": _data_facts(cfg),
         "summary": summary,

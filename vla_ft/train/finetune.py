@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
-import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,19 +21,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from vla_ft.config import REPO_ROOT, Config, save_config
-from vla_ft.data.lerobot import is_lerobot_path
+from vla_ft.config import Config, save_config
+from vla_ft.config_checks import config_kind, config_problems
+from vla_ft.data.collect import ensure_data, missing_data
+from vla_ft.data.layout import gripper_index
 from vla_ft.errors import ConfigError, DataError, EnvError
 from vla_ft.eval.env_check import EnvProbe, eval_max_steps
 from vla_ft.eval.env_match import check_envs, expected_from_data, fallback_instruction, instruction_warning
+from vla_ft.models.bc_cnn import unsupported_options
+from vla_ft.models.source import check_source, resolve_pretrained
+from vla_ft.task_terms import task_term_problems
+from vla_ft.tools.plan_memory import warn_if_out_of_memory
 from vla_ft.train import checkpoint as ckpt_io
 from vla_ft.train.distributed import DistContext, micro_batch_size, setup_distributed
 from vla_ft.train.loop import FitResult, fit
-from vla_ft.train.memory import warn_if_out_of_memory
 from vla_ft.train.preflight import Problems, check_env_names, check_output_dir
+from vla_ft.train.runtime import resolve_run_dir, run_summary, seed_everything, write_summary
 from vla_ft.train.step import resolve_precision
-
-SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -44,108 +46,6 @@ class FinetuneResult:
     fit: FitResult
     eval: dict | None  # final evaluation summary (success_rate, ci95, ...) or None when skipped
     wall_s: float
-
-
-def config_problems(cfg: Config) -> list[ConfigError]:
-    """Cross-section checks that need no data, done before anything loads (every one that fails)."""
-    tc, found = cfg.train, []
-    if tc.best_metric == "success_rate" and not tc.eval_every:
-        found.append(
-            "train.best_metric=success_rate needs periodic simulation evaluation: set train.eval_every > 0"
-        )
-    if tc.patience is not None and tc.best_metric == "val_loss" and not tc.val_every:
-        found.append("train.patience with train.best_metric=val_loss needs train.val_every > 0")
-    if cfg.model.lora.r and tc.unfreeze_steps:
-        found.append(
-            f"train.unfreeze_steps={tc.unfreeze_steps} with model.lora.r={cfg.model.lora.r}: LoRA trains "
-            f"adapters on a frozen backbone, progressive unfreezing would unfreeze it; set train.unfreeze_steps=0"
-        )
-    if tc.parallel == "fsdp" and cfg.model.lora.r:
-        found.append(
-            f"model.lora.r={cfg.model.lora.r} with train.parallel=fsdp is not supported (LoRA checkpoints merge "
-            f"a full copy of the policy): use train.parallel=ddp, or model.lora.r=0"
-        )
-    if cfg.data.collect_if_missing and Path(cfg.collect.output) != Path(cfg.data.paths[0]):
-        found.append(
-            f"data.collect_if_missing collects into collect.output={cfg.collect.output!r}, which is not "
-            f"data.paths[0]={cfg.data.paths[0]!r}: make them the same file"
-        )
-    if _config_kind(cfg) == "cnn":  # the bc-cnn baseline: options it has no use for
-        from vla_ft.models.bc_cnn import unsupported_options
-
-        found += unsupported_options(cfg, fresh=cfg.model.pretrained is None)
-    return [ConfigError(msg) for msg in found]
-
-
-def _config_kind(cfg: Config) -> str | None:
-    """The kind of model the config builds or loads (``vla_ft.models.loading.architecture_kind``)."""
-    from vla_ft.models.loading import architecture_kind
-
-    return architecture_kind(
-        dataclasses.replace(cfg.model, pretrained=resolve_pretrained(cfg.model.pretrained))
-    )
-
-
-def check_config(cfg: Config) -> None:
-    """:func:`config_problems`, raised (one problem as it is, several together)."""
-    problems = Problems()
-    for error in config_problems(cfg):
-        problems.add(error)
-    problems.raise_if_any()
-
-
-def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def resolve_run_dir(cfg: Config) -> Path:
-    """``out_dir/run_name``; without a run name, a new ``<name>-<timestamp>`` directory, or with
-    ``train.resume=auto`` the newest existing ``<name>-*`` run that has a checkpoint."""
-    out = Path(cfg.train.out_dir)
-    if cfg.train.run_name:
-        return out / cfg.train.run_name
-    if cfg.train.resume == "auto" and out.is_dir():
-        runs = sorted((p for p in out.glob(f"{cfg.name}-*") if (p / "last").exists()), key=os.path.getmtime)
-        if runs:
-            return runs[-1]
-    return out / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def ensure_data(cfg: Config) -> None:
-    """Collect the configured demos when missing and allowed; else name the exact command."""
-    from vla_ft.data.collect import warn_stale_env
-
-    # a LeRobotDataset root (or hub id) is read as it is, never collected
-    missing = [p for p in cfg.data.paths if not Path(p).is_file() and not is_lerobot_path(p)]
-    warn_stale_env([p for p in cfg.data.paths if p not in missing])
-    if not missing:
-        return
-    if cfg.data.collect_if_missing and missing == [cfg.data.paths[0]]:
-        from vla_ft.data.collect import run_collect
-
-        print(f"[vla-ft] {missing[0]} not found: collecting {cfg.collect.episodes} demos per task first")
-        run_collect(cfg)
-        return
-    raise DataError(
-        f"dataset file {missing[0]} not found. Collect it with: python scripts/collect_demos.py "
-        f"--cfg <your config> collect.output={missing[0]}  (or set data.collect_if_missing=true)"
-    )
-
-
-def resolve_pretrained(spec: str | None) -> str | None:
-    """A relative checkpoint path is tried against the working directory, then the repo root."""
-    if spec is None:
-        return None
-    if not Path(spec).exists() and (REPO_ROOT / spec).exists():
-        return str(REPO_ROOT / spec)
-    return spec
 
 
 def sim_evaluate(cfg: Config, run_dir: Path, policy, step: int, ckpt: Path | None = None, name=None):
@@ -167,44 +67,6 @@ def eval_metrics(result) -> dict[str, float]:
     }
 
 
-def peak_rss_mb(pid: int | str = "self") -> float | None:
-    """Peak resident memory (MiB) of a process since it started its program, or None if unknown.
-
-    Linux: ``VmHWM`` from ``/proc/<pid>/status`` (the high-water mark of the process's own memory).
-    Not ``getrusage().ru_maxrss``: that keeps the RSS the process had before ``exec``, i.e. a large
-    parent's (a job started by scripts/compare.py would report the comparison process's memory).
-    Elsewhere, for this process: ``ru_maxrss``.
-    """
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-        return None  # an exited process (zombie) has no memory lines
-    except OSError:
-        if pid != "self":
-            return None
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
-    """Peak resident memory of this process and, on CUDA, torch's peak allocated memory (MiB)."""
-    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"peak_rss_mb": peak_rss_mb(), "cuda_peak_allocated_mb": cuda}
-
-
-def write_summary(run_dir: Path, summary: dict) -> Path:
-    """Write ``summary.json`` (what a finished run measured) atomically into the run directory."""
-    out = run_dir / SUMMARY_FILE
-    tmp = out.with_name(f".{SUMMARY_FILE}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out)
-    return out
-
-
 def run_finetune(cfg: Config) -> FinetuneResult:
     """Run the whole job (see module docstring). Returns the run directory and results.
 
@@ -218,13 +80,6 @@ def run_finetune(cfg: Config) -> FinetuneResult:
     return result
 
 
-def _heatmap_count(policy: torch.nn.Module) -> int:
-    """Keypoint heat maps per image of the policy's vision encoder (0: none, e.g. a VLM backbone)."""
-    if not getattr(policy.backbone, "has_heatmaps", False):
-        return 0
-    return int(policy.backbone.vision.keypoints.heatmaps.out_channels)
-
-
 @dataclass
 class Prepared:
     """What the checks before training resolved: the model source, data and policy."""
@@ -234,22 +89,6 @@ class Prepared:
     val_ds: Any
     info: Any
     policy: torch.nn.Module
-
-
-def check_source(model_cfg: Any) -> None:
-    """``model.pretrained`` names a readable checkpoint (verified against its manifest), a hub id
-    reachable now, or nothing; ``model.preset`` a known preset when nothing is loaded."""
-    from vla_ft.models.language import hub_or_dir
-    from vla_ft.models.loading import check_checkpoint
-    from vla_ft.models.presets import get_preset
-
-    spec = model_cfg.pretrained
-    if spec is None:
-        get_preset(model_cfg.preset)
-    elif Path(spec).exists() or spec.startswith((".", "/")) or "/" not in spec:
-        check_checkpoint(Path(spec))
-    else:
-        hub_or_dir(spec, "model.pretrained")
 
 
 def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
@@ -279,10 +118,6 @@ def sim_evaluates(cfg: Config) -> bool:
     return cfg.eval.episodes > 0 or bool(cfg.train.eval_every)
 
 
-def _missing_data(cfg: Config) -> bool:
-    return any(not Path(p).is_file() and not is_lerobot_path(p) for p in cfg.data.paths)
-
-
 def _check_all(
     cfg: Config, ctx: DistContext, run_dir: Path, problems: Problems, probe: EnvProbe | None
 ) -> tuple[Prepared, list[str]]:
@@ -306,7 +141,7 @@ def _check_all(
         tokenizer = load_tokenizer(model_cfg)
     data_ok = env_ok = True
     if ctx.is_main:  # collects the demos when missing and allowed (the other ranks wait)
-        if probe is not None and _missing_data(cfg):  # no minutes of collecting for a broken env
+        if probe is not None and missing_data(cfg.data.paths):  # no minutes of collecting for a broken env
             with problems.check() as built:
                 probe.result()
             env_ok = built.ok
@@ -324,8 +159,8 @@ def _check_all(
     if len(scans) == len(cfg.data.paths) and tokenizer is not None:
         with problems.check():
             train_ds, val_ds, info = build_datasets(cfg.data, tokenizer, cfg.seed, scans=scans)
-    if info is not None:
-        _label_problems(cfg, info, problems)
+    for msg in task_term_problems(cfg, info=info) if info is not None else []:  # labels the data lacks
+        problems.add(ConfigError(msg))
     if info is not None and model_cfg is not None:
         with problems.check():
             try:
@@ -368,71 +203,28 @@ def _env_problems(cfg: Config, probe: EnvProbe, info: Any, scans: list) -> list[
 def _policy_problems(cfg: Config, policy: torch.nn.Module) -> list[ConfigError]:
     """Loss terms and options the loaded policy cannot serve (known once it is built)."""
     if policy.arch.get("kind") == "cnn":  # bc-cnn: config_problems checked it when the kind was
-        if _config_kind(cfg) == "cnn":  # known from the config; else (a hub checkpoint) now
+        if config_kind(cfg) == "cnn":  # known from the config; else (a hub checkpoint) now
             return []
-        from vla_ft.models.bc_cnn import unsupported_options
-
         return [ConfigError(msg) for msg in unsupported_options(cfg, fresh=False)]
-    heads = getattr(policy, "task_terms_supported", None)  # None: every term (VLAPolicy)
-    extra = [t for t, w in cfg.loss.task_terms.items() if w > 0 and heads is not None and t not in heads]
-    if extra:
-        return [
-            ConfigError(
-                f"loss.task_terms {extra}: this model ({type(policy).__name__}) has no heads for them; "
-                f"set loss.task_terms={{}} (its action loss trains alone)"
-            )
-        ]
-    heatmaps = _heatmap_count(policy)
-    if cfg.loss.task_terms.get("grounding", 0) > 0 and heatmaps < 2:
-        return [
-            ConfigError(
-                f"loss.task_terms.grounding needs a backbone with at least 2 spatial-softmax keypoints "
-                f"(heat map 0 = the named object, 1 = the destination); this model has {heatmaps}: use "
-                f"the tiny preset or set model.extra.keypoints >= 2, or drop 'grounding' from "
-                f"loss.task_terms"
-            )
-        ]
-    return []
+    return [ConfigError(msg) for msg in task_term_problems(cfg, policy=policy)]
 
 
-def _label_problems(cfg: Config, info: Any, problems: Problems) -> None:
-    """Loss terms whose labels the data does not have."""
-    if cfg.loss.task_terms.get("waypoint", 0) > 0 and info.waypoint_key is None:
-        problems.add(
-            ConfigError(
-                f"loss.task_terms.waypoint needs an end-effector position in the data, but none of the "
-                f"state keys {info.state_keys} is one (data.waypoint_key={cfg.data.waypoint_key!r}); set "
-                f"data.waypoint_key, or drop 'waypoint' from loss.task_terms"
-            )
-        )
-    if cfg.loss.task_terms.get("grounding", 0) > 0 and info.files_without_targets:
-        problems.add(
-            ConfigError(
-                f"loss.task_terms.grounding needs the image positions of the instruction's objects "
-                f"(data/demo_i/targets/<camera>, written by scripts/collect_demos.py), "
-                f"but {', '.join(info.files_without_targets)} has none for cameras {info.image_keys}; "
-                f"re-collect it (delete the file when data.collect_if_missing is on), or drop "
-                f"'grounding' from loss.task_terms"
-            )
-        )
+def _setup_policy(
+    cfg: Config, ctx: DistContext, ready: Prepared, run_dir: Path, precision: str
+) -> tuple[torch.nn.Module, int, int]:
+    """The prepared policy made ready to train: normalization stats (a fresh run), LoRA adapters,
+    activation checkpointing, the device. Rank 0 writes the config and says what runs where.
 
-
-def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
-    from vla_ft.data.augment import Augmenter
-    from vla_ft.models import count_parameters, param_info
+    Returns:
+        ``(policy, trainable parameters, all parameters)``.
+    """
+    from vla_ft.models import count_parameters
     from vla_ft.models.lora import apply_lora
 
-    seed_everything(cfg.seed, cfg.train.deterministic, cfg.train.threads)
-    device = ctx.device
-    precision = resolve_precision(cfg.train.precision, device)
-    run_dir = ctx.broadcast(resolve_run_dir(cfg))  # rank 0's (a timestamped name differs per rank)
-    ready = prepare(cfg, ctx, run_dir)
-    resume_ckpt, train_ds, val_ds, info, policy = (
-        ready.resume_ckpt, ready.train_ds, ready.val_ds, ready.info, ready.policy
-    )  # fmt: skip
-    if resume_ckpt is None:
+    policy, info, device = ready.policy, ready.info, ctx.device
+    if ready.resume_ckpt is None:
         policy.set_normalizer(info.normalizer)
-    policy = apply_lora(policy, cfg.model.lora, resume=resume_ckpt)  # r=0 (full FT): unchanged
+    policy = apply_lora(policy, cfg.model.lora, resume=ready.resume_ckpt)  # r=0 (full FT): unchanged
     trainable, total = count_parameters(policy)
     policy.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
     policy.to(device)
@@ -441,27 +233,69 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
         parallel = f" | {cfg.train.parallel} x {ctx.world_size}" if ctx.enabled else ""
         print(
             f"[vla-ft] run dir {run_dir} | device {device} ({precision}){parallel} | {info.num_train_demos} "
-            f"train / {info.num_val_demos} val demos, {len(train_ds)} samples"
+            f"train / {info.num_val_demos} val demos, {len(ready.train_ds)} samples"
         )
         if device.type == "cuda":
             warn_if_out_of_memory(cfg, policy, info, ctx.world_size, device)
+    return policy, trainable, total
 
-    resume = ckpt_io.load_training_state(resume_ckpt, ctx.rank) if resume_ckpt else None
-    augment = Augmenter(cfg.data.augment) if cfg.data.augment.enabled else None
-    evaluate_fn = None
-    if cfg.train.eval_every:
-        evaluate_fn = lambda policy, step: eval_metrics(sim_evaluate(cfg, run_dir, policy, step))  # noqa: E731
-    gripper_zero = float(
-        info.normalizer.normalize_action(np.zeros(info.action_dim, np.float32))[cfg.loss.gripper_dim]
-    )
+
+def _periodic_eval(cfg: Config, run_dir: Path) -> Callable[[torch.nn.Module, int], dict] | None:
+    """The loop's ``evaluate_fn`` (``train.eval_every``): metrics of a simulation evaluation."""
+    if not cfg.train.eval_every:
+        return None
+    return lambda policy, step: eval_metrics(sim_evaluate(cfg, run_dir, policy, step))
+
+
+def _loss_kwargs(cfg: Config, info: Any, policy: torch.nn.Module) -> dict[str, Any]:
+    """What the action loss needs from the data and the policy (vla_ft/losses.py)."""
+    zero = info.normalizer.normalize_action(np.zeros(info.action_dim, np.float32))
+    gripper = gripper_index(info.action_dim, cfg.loss.gripper_dim)  # None: the loss names the option
+    gripper_zero = None if gripper is None else float(zero[gripper])
     loss_kwargs = {
         "action_dim": info.action_dim,
         "head": cfg.model.action_head,
         "n_bins": cfg.model.n_bins,
         "gripper_zero": gripper_zero,
     }
-    if hasattr(policy, "bin_range"):
-        loss_kwargs["bin_low"], loss_kwargs["bin_high"] = policy.bin_range
+    loss_kwargs["bin_low"], loss_kwargs["bin_high"] = policy.bin_range
+    return loss_kwargs
+
+
+def _final_eval(cfg: Config, run_dir: Path, step: int, device: torch.device) -> dict | None:
+    """Evaluate the best checkpoint in simulation (``eval.episodes``; None when 0) and print it."""
+    if cfg.eval.episodes <= 0:
+        return None
+    from vla_ft.eval.run import summary
+    from vla_ft.models import VLAPolicy
+
+    best_dir = (run_dir / "best").resolve()
+    best = VLAPolicy.from_pretrained(best_dir).to(device)
+    evaluation = sim_evaluate(cfg, run_dir, best, step, ckpt=best_dir, name=f"final_{best_dir.name}")
+    final = eval_metrics(evaluation)
+    final["successes"] = evaluation.report["overall"]["successes"]
+    final["checkpoint"] = best_dir.name
+    scored = ", ".join(evaluation.report["manifest"]["tasks"])  # env.tasks, else env.task / gym id
+    print(f"[vla-ft] final evaluation of {best_dir.name} on {scored}:\n{summary(evaluation)}")
+    return final
+
+
+def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
+    """:func:`run_finetune`'s stages, in order."""
+    from vla_ft.data.augment import Augmenter
+    from vla_ft.models import param_info
+
+    seed_everything(cfg.seed, cfg.train.deterministic, cfg.train.threads)
+    device = ctx.device
+    precision = resolve_precision(cfg.train.precision, device)
+    run_dir = ctx.broadcast(resolve_run_dir(cfg))  # rank 0's (a timestamped name differs per rank)
+    ready = prepare(cfg, ctx, run_dir)
+    resume_ckpt, train_ds, val_ds, info = ready.resume_ckpt, ready.train_ds, ready.val_ds, ready.info
+    policy, trainable, total = _setup_policy(cfg, ctx, ready, run_dir, precision)
+    resume = ckpt_io.load_training_state(resume_ckpt, ctx.rank) if resume_ckpt else None
+    augment = Augmenter(cfg.data.augment) if cfg.data.augment.enabled else None
+    evaluate_fn = _periodic_eval(cfg, run_dir)
+    loss_kwargs = _loss_kwargs(cfg, info, policy)
     t_fit = time.perf_counter()
     result = fit(
         cfg,
@@ -483,41 +317,15 @@ def _run(cfg: Config, ctx: DistContext, t_start: float) -> FinetuneResult:
     if not ctx.is_main:  # rank 0 evaluates, plots and writes the summary
         return FinetuneResult(run_dir, result, None, time.perf_counter() - t_start)
     t_eval = time.perf_counter()
-    final = None
-    if cfg.eval.episodes > 0:
-        from vla_ft.eval.run import summary
-        from vla_ft.models import VLAPolicy
-
-        best_dir = (run_dir / "best").resolve()
-        best = VLAPolicy.from_pretrained(best_dir).to(device)
-        evaluation = sim_evaluate(
-            cfg, run_dir, best, result.step, ckpt=best_dir, name=f"final_{best_dir.name}"
-        )
-        final = eval_metrics(evaluation)
-        final["successes"] = evaluation.report["overall"]["successes"]
-        final["checkpoint"] = best_dir.name
-        scored = ", ".join(evaluation.report["manifest"]["tasks"])  # env.tasks, else env.task / gym id
-        print(f"[vla-ft] final evaluation of {best_dir.name} on {scored}:\n{summary(evaluation)}")
+    final = _final_eval(cfg, run_dir, result.step, device)
     eval_s = time.perf_counter() - t_eval
     if cfg.log.plots:
         from vla_ft.train.logging import write_plots
 
         write_plots(run_dir)
     wall_s = time.perf_counter() - t_start
-    vals = [h["val_loss"] for h in result.history if "val_loss" in h]
-    summary = {
-        "steps": result.step,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "precision": precision,
-        "parallel": {"mode": cfg.train.parallel, "world_size": ctx.world_size},
-        "params": {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total},
-        "lora": dataclasses.asdict(cfg.model.lora) if cfg.model.lora.r else None,
-        "timing": {"train_s": train_s, "eval_s": eval_s, "total_s": wall_s},
-        "memory": peak_memory_mb(device),
-        "val_loss": {"final": vals[-1] if vals else None, "best": min(vals) if vals else None},
-        "eval": final,
-    }
+    timing = {"train_s": train_s, "eval_s": eval_s, "total_s": wall_s}
+    summary = run_summary(cfg, ctx, precision, result, (trainable, total), timing, final)
     write_summary(run_dir, summary)
     if cfg.train.export_dir:
         from vla_ft.train.export import export_run

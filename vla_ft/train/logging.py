@@ -116,6 +116,15 @@ class NullLogger:
         pass
 
 
+def open_logger(
+    cfg: Config, run_dir: Path, main: bool, start_step: int = 0, wandb_id: str | None = None
+) -> RunLogger | NullLogger:
+    """The run's logger: a :class:`RunLogger` on rank 0 (``main``), a :class:`NullLogger` elsewhere."""
+    if main:
+        return RunLogger(cfg, run_dir, cfg.train.steps, start_step=start_step, wandb_id=wandb_id)
+    return NullLogger(wandb_id)
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []

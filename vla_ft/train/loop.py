@@ -1,4 +1,9 @@
-"""The full-parameter training loop, readable top to bottom in :func:`fit`."""
+"""The full-parameter training loop, readable top to bottom in :func:`fit`.
+
+:func:`fit` builds the :class:`~vla_ft.train.state.TrainState` (weights, EMA, optimizer, schedule,
+grad scaler, RNGs, data position, best metric), resumes it from a checkpoint when asked, and runs
+the optimizer steps; a :class:`~vla_ft.train.checkpointer.Checkpointer` writes the checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +16,34 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from vla_ft.config import Config
+from vla_ft.config import Config, TrainConfig
 from vla_ft.data.sampler import ResumableSampler
-from vla_ft.errors import PREEMPTED_EXIT, CheckpointError, Preempted, VLAFTError, worker_message
+from vla_ft.errors import PREEMPTED_EXIT, Preempted, VLAFTError, worker_message
 from vla_ft.losses import ActionTaskLoss
 from vla_ft.train import checkpoint as ckpt_io
-from vla_ft.train.distributed import (
-    DistContext,
-    grad_sync_context,
-    micro_batch_size,
-    wrap_model,
+from vla_ft.train.checkpointer import Checkpointer
+from vla_ft.train.distributed import DistContext, grad_sync_context, micro_batch_size, wrap_model
+from vla_ft.train.logging import open_logger
+from vla_ft.train.optim import (
+    apply_unfreezing,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+    lr_metrics,
 )
-from vla_ft.train.logging import NullLogger, RunLogger
-from vla_ft.train.optim import apply_unfreezing, build_optimizer, build_param_groups, build_scheduler
 from vla_ft.train.preempt import StopRequest
-from vla_ft.train.step import autocast, ema_update, to_device, train_step, validate
+from vla_ft.train.state import TrainState, make_ema
+from vla_ft.train.step import (
+    BadStepCounter,
+    Batch,
+    autocast,
+    ema_update,
+    to_device,
+    train_step,
+    validate,
+)
 
 
 class TrainingDiverged(VLAFTError):
@@ -88,7 +103,8 @@ def fit(
     """Train every parameter of ``policy`` for ``cfg.train.steps`` optimizer steps.
 
     Args:
-        cfg: the run config.
+        cfg: the run config (``train``, ``loss``, ``seed``, ``data.num_workers``, ``log``; the
+            logger records the whole config with wandb).
         policy: the VLA on ``device``; every parameter trainable unless ``model.freeze`` says otherwise.
         param_info: name -> ParamInfo(module, depth, num_layers), for LR groups and unfreezing.
         train_ds, val_ds: datasets of batch-vocabulary samples (val_ds may be None).
@@ -108,255 +124,243 @@ def fit(
     ctx = ctx if ctx is not None else DistContext(device=device)
     micro = micro_batch_size(tc.batch_size, tc.grad_accum, ctx.world_size)  # per rank
     amp = lambda: autocast(device, precision)  # noqa: E731
-
     loss_fn = ActionTaskLoss(cfg.loss, **(loss_kwargs or {})).to(device)
-    ema = (
-        AveragedModel(policy, device=device, multi_avg_fn=get_ema_multi_avg_fn(tc.ema), use_buffers=True)
-        if tc.ema
-        else None
-    )
+
+    # The state a checkpoint holds; the EMA copy is taken before FSDP shards the policy in place.
+    ema = make_ema(policy, tc.ema, device)
     model = wrap_model(policy, ctx, precision, tc.cpu_offload)  # DDP / FSDP2 (in place) / as is
-    groups = build_param_groups(policy, param_info, tc)
-    optimizer = build_optimizer(groups, tc, device)
-    scheduler = build_scheduler(optimizer, tc)
+    optimizer = build_optimizer(build_param_groups(policy, param_info, tc), tc, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if tc.compile:
-        model = torch.compile(model)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1 + ctx.rank)
-    augment_batch = (lambda b: augment(b, aug_gen)) if augment is not None else None
+    state = TrainState(policy, optimizer, build_scheduler(optimizer, tc), scaler, ema, tc.ema, aug_gen, ctx)
+    model = torch.compile(model) if tc.compile else model
+    if resume is not None:
+        state.load_state_dict(*resume)
+
     sampler = ResumableSampler(len(train_ds), cfg.seed, sample_weights, ctx.rank, ctx.world_size)
+    train_batches = _MicroBatches(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
     val_loader = make_loader(val_ds, micro, None, cfg.data.num_workers, device, cfg.seed) if val_ds else None
     grad_sync = grad_sync_context(model, ctx)
+    augment_batch = (lambda b: augment(b, aug_gen)) if augment is not None else None
+    logger = open_logger(cfg, run_dir, ctx.is_main, state.step, state.wandb_id)
+    state.wandb_id = logger.wandb_id
+    need_bytes = ckpt_io.estimate_checkpoint_bytes(policy, ema is not None)
+    checkpoints = Checkpointer(run_dir, ctx, tc.keep_last, need_bytes)
+    bad_steps = BadStepCounter(state.skipped, device, enabled=not scaler.is_enabled())  # fp16: scaler's
 
-    step, epoch, pos, skipped = 0, 0, 0, 0
-    best, best_step, stale, history = None, None, 0, []
-    wandb_id = None
-    if resume is not None:
-        state, tensors = resume
-        scheduler.load_state_dict(tensors["scheduler"])
-        if "scaler" in tensors:
-            scaler.load_state_dict(tensors["scaler"])
-        if (ema is not None) != ("raw_model" in tensors):
-            raise CheckpointError(
-                f"train.ema={tc.ema} but the checkpoint was saved with"
-                f"{'out' if 'raw_model' not in tensors else ''} EMA: resume with the run's own train.ema"
-            )
-        if ema is not None:  # the policy was loaded with the EMA weights (model.safetensors)
-            ema.module.load_state_dict(policy.state_dict())
-            ema.n_averaged.fill_(state["ema_n_averaged"])
-        if "sharded" in tensors:  # a distributed run's checkpoint, saved at any world size
-            ckpt_io.load_sharded(tensors["sharded"], policy, optimizer)  # raw weights + optimizer
-        else:
-            optimizer.load_state_dict(tensors["optimizer"])
-            if ema is not None:
-                policy.load_state_dict(tensors["raw_model"])
-        step, epoch, skipped = state["step"], state["epoch"], state["skipped"]
-        pos = state["pos"] // ctx.world_size  # global samples of this epoch -> this rank's
-        best, best_step, stale, history = state["best"], state["best_step"], state["stale"], state["history"]
-        wandb_id = state.get("wandb_id")
-        torch.set_rng_state(tensors["rng"]["torch"])
-        aug_gen.set_state(tensors["rng"]["augment"])
-        if device.type == "cuda" and "cuda" in tensors["rng"]:
-            torch.cuda.set_rng_state(tensors["rng"]["cuda"], device)
-
+    trainable = apply_unfreezing(policy, param_info, state.step, tc.unfreeze_steps)
     if ctx.is_main:
-        logger = RunLogger(cfg, run_dir, tc.steps, start_step=step, wandb_id=wandb_id)
-    else:
-        logger = NullLogger(wandb_id)
-    eval_model = lambda: ema.module if ema is not None else policy  # noqa: E731
-
-    # NaN/Inf bookkeeping stays on the device; it is read at sync points (log/val/eval/save steps).
-    count_bad = not scaler.is_enabled()  # fp16: the grad scaler handles overflow itself
-    bad_total = torch.full((), float(skipped), device=device)
-    bad_run = torch.zeros((), device=device)
-    bad_peak = torch.zeros((), device=device)
-    saved: dict[int, Path] = {}
-    ckpt_bytes = ckpt_io.estimate_checkpoint_bytes(policy, ema is not None)
-
-    def write_model(path: Path) -> None:
-        if ctx.mode == "fsdp":  # gather the full weights to rank 0's CPU (collective)
-            ckpt_io.save_full_model(policy, path, ctx)
-        elif ctx.is_main:
-            eval_model().save_pretrained(path, manifest=False)  # save_checkpoint writes one for all
-
-    def save(tag_best: bool = False) -> Path:
-        if step in saved and saved[step].exists():  # already written at this step (e.g. as best)
-            if tag_best and ctx.is_main:
-                ckpt_io.point_link(run_dir / "best", saved[step])
-            return saved[step]
-        rng = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        state = {
-            "step": step, "epoch": epoch, "pos": pos * ctx.world_size, "world_size": ctx.world_size,
-            "skipped": skipped, "best": best, "best_step": best_step, "stale": stale,
-            "history": history, "wandb_id": logger.wandb_id,
-            "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
-        }  # fmt: skip
-        tensors = {
-            "optimizer": None if ctx.enabled else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": rng,
-        }
-        raw = policy.state_dict() if ema is not None else None
-        sharded = (policy, optimizer) if ctx.enabled else None
-        path = ckpt_io.save_checkpoint(
-            run_dir, step, write_model, state, tensors, raw, ctx, sharded, need_bytes=ckpt_bytes
-        )
-        saved[step] = path
-        if ctx.is_main:
-            if tag_best:
-                ckpt_io.point_link(run_dir / "best", path)
-            ckpt_io.prune_checkpoints(run_dir, tc.keep_last)
-        ctx.barrier()
-        return path
-
-    def settle() -> None:
-        """Read the device-side NaN/Inf counters (one host sync): rewind the LR schedule by the
-        steps skipped since the last read, and stop after ``max_bad_steps`` bad steps in a row."""
-        nonlocal skipped
-        total, peak = (int(v) for v in torch.stack([bad_total, bad_peak]).tolist())
-        if total > skipped:  # the schedule advanced optimistically on steps that were skipped
-            scheduler.last_epoch -= total - skipped + 1
-            scheduler.step()
-            skipped = total
-        if peak >= tc.max_bad_steps:
-            path = save()
-            logger.close()
-            raise TrainingDiverged(
-                f"loss or gradient was NaN/Inf for {peak} consecutive steps (by step {step}); "
-                f"the last good weights are saved in {path}. Lower train.lr (now {tc.peak_lr:g}), "
-                f"lengthen train.warmup_steps or set train.grad_clip"
-            )
-
-    def track(metric_name: str, value: float) -> bool:
-        """Update best/patience for the configured metric; True when training should stop."""
-        nonlocal best, best_step, stale
-        if metric_name != tc.best_metric or not math.isfinite(value):
-            return False
-        if _better(metric_name, value, best):
-            best, best_step, stale = value, step, 0
-            save(tag_best=True)
-            return False
-        stale += 1
-        return tc.patience is not None and stale >= tc.patience
-
-    trainable = apply_unfreezing(policy, param_info, step, tc.unfreeze_steps)
-    total = sum(p.numel() for p in policy.parameters())
-    if ctx.is_main:
-        print(f"[vla-ft] trainable parameters: {trainable:,} / {total:,} ({100.0 * trainable / total:.1f}%)")
+        _print_trainable(policy, trainable)
     policy.train()
     stopped_early = False
     data_wait = step_time = 0.0
-    batches = None
     # SIGTERM/SIGINT finish the current step, then save and stop (vla_ft/train/preempt.py)
     with StopRequest(report=ctx.is_main) as stop:
-        while step < tc.steps and not stopped_early:
+        while state.step < tc.steps and not stopped_early:
             t0 = time.perf_counter()
             if tc.unfreeze_steps:
-                apply_unfreezing(policy, param_info, step, tc.unfreeze_steps)
-            micro_batches = []
-            position = epoch, pos  # the data position after the last finished step
+                apply_unfreezing(policy, param_info, state.step, tc.unfreeze_steps)
             try:
-                for _ in range(tc.grad_accum):
-                    if batches is None:
-                        sampler.set_position(epoch, pos)
-                        batches = iter(
-                            make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
-                        )
-                    batch = next(batches, None)
-                    if batch is None:  # epoch finished
-                        epoch, pos, batches = epoch + 1, 0, None
-                        sampler.set_position(epoch, pos)
-                        batches = iter(
-                            make_loader(train_ds, micro, sampler, cfg.data.num_workers, device, cfg.seed)
-                        )
-                        batch = next(batches)
-                    pos += micro
-                    micro_batches.append(to_device(batch, device))
+                micro_batches = train_batches.take(state, tc.grad_accum)
             except VLAFTError as exc:  # data read lazily that turned out unreadable (a damaged chunk)
-                epoch, pos = position  # unwinds an epoch rollover inside this accumulation too
-                where = f"training stopped before step {step + 1}"
-                if not ctx.enabled and step > 0:  # one process: keep the progress (a save is collective)
-                    where += f"; the state after step {step} is saved in {save()} (train.resume=auto)"
-                logger.close()
-                raise type(exc)(f"{worker_message(exc)} ({where})") from None
+                raise _data_error(exc, state, checkpoints, logger) from None
             t_data = time.perf_counter() - t0
 
             metrics, stepped = train_step(
                 model, loss_fn, micro_batches, optimizer, scaler, amp, tc.grad_clip, augment_batch,
                 grad_sync=grad_sync, reduce_flag=ctx.max_flag if ctx.enabled else None,
             )  # fmt: skip
-            step += 1
-            scheduler.step()  # rewound at the next sync point if this step was skipped (settle)
+            state.step += 1
+            state.scheduler.step()  # rewound at the next sync point if this step was skipped (_settle)
             if ema is not None:
                 ema_update(ema, policy, tc.ema, stepped)
-            if count_bad:
-                bad = (~stepped).float()
-                bad_total += bad
-                bad_run.mul_(bad).add_(bad)  # consecutive bad steps: (run + bad) * bad
-                torch.maximum(bad_peak, bad_run, out=bad_peak)
+            bad_steps.record(stepped)
             data_wait += t_data
             step_time += time.perf_counter() - t0
 
-            due_log = step % cfg.log.every == 0 or step == tc.steps
-            due_val = (
-                val_loader is not None and tc.val_every and (step % tc.val_every == 0 or step == tc.steps)
-            )
+            step, last = state.step, state.step == tc.steps
+            due_log = step % cfg.log.every == 0 or last
+            due_val = val_loader is not None and tc.val_every and (step % tc.val_every == 0 or last)
             due_eval = evaluate_fn is not None and tc.eval_every and step % tc.eval_every == 0
-            due_save = (tc.save_every and step % tc.save_every == 0) or step == tc.steps
+            due_save = (tc.save_every and step % tc.save_every == 0) or last
             if due_log or due_val or due_eval or due_save:
-                settle()
+                _settle(state, bad_steps, tc, checkpoints, logger)
 
             if due_log:
-                row = {k: float(v) for k, v in ctx.mean(metrics).items()}  # the global batch's means
-                row["lr"] = float(optimizer.param_groups[-1]["lr"])
-                row["samples_per_s"] = cfg.log.every * tc.batch_size / max(step_time, 1e-9)
-                row["data_wait_share"] = data_wait / max(step_time, 1e-9)
-                row["skipped_steps"] = skipped
-                if device.type == "cuda":
-                    row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                logger.log(step, "train", row)
-                bar = {"loss": row["loss"], "lr": row["lr"], "gnorm": row["grad_norm"]}
-                bar.update({"smp/s": row["samples_per_s"], "wait": row["data_wait_share"]})
-                if "mem_gb" in row:
-                    bar["memGB"] = row["mem_gb"]
-                logger.progress(step, bar)
+                _log_train(logger, state, ctx.mean(metrics), tc, cfg.log.every, data_wait, step_time)
                 data_wait = step_time = 0.0
-
             if due_val:  # every rank validates (FSDP needs all of them); rank 0's numbers decide
-                val = ctx.broadcast(validate(eval_model(), loss_fn, val_loader, device, amp))
+                val = ctx.broadcast(validate(state.eval_model, loss_fn, val_loader, device, amp))
                 logger.log(step, "val", val)
-                history.append({"step": step, "val_loss": val["loss"]})
-                stopped_early |= track("val_loss", val["loss"])
+                stopped_early |= _track(state, checkpoints, tc, "val_loss", val["loss"])
             if due_eval:
-                ckpt = save() if ctx.mode == "fsdp" else None  # rank 0 evaluates a full copy from disk
-                result = None
-                if ctx.is_main:
-                    result = evaluate_fn(_full_model(ckpt, device) if ckpt else eval_model(), step)
-                result = ctx.broadcast(result)
+                result = _evaluate(evaluate_fn, state, checkpoints)
                 logger.log(step, "eval", result)
-                history.append({"step": step, "success_rate": result["success_rate"]})
-                stopped_early |= track("success_rate", result["success_rate"])
+                stopped_early |= _track(state, checkpoints, tc, "success_rate", result["success_rate"])
             if due_save or stopped_early:
-                save()
+                checkpoints.save(state)
             # SIGTERM/SIGINT on any rank: save here, then leave (a finished run just finishes)
-            if step < tc.steps and not stopped_early and stop.requested(ctx):
-                settle()
-                path = save()
-                logger.close()
-                raise Preempted(
-                    f"stopped by {stop.signal.name if stop.signal else 'a signal on another rank'} after "
-                    f"step {step} of {tc.steps}; resumable checkpoint {path}: rerun the same command with "
-                    f"train.resume=auto to continue (exit status {PREEMPTED_EXIT})"
-                )
+            if not last and not stopped_early and stop.requested(ctx):
+                raise _preempted(stop, state, bad_steps, tc, checkpoints, logger)
 
     logger.close()
-    if best_step is None and ctx.is_main:  # no metric was ever computed: the last checkpoint is the best
-        ckpt_io.point_link(run_dir / "best", (run_dir / "last").resolve())
+    if state.best_step is None:  # no metric was ever computed: the last checkpoint is the best
+        checkpoints.best_is_last()
     ctx.barrier()
-    return FitResult(run_dir, step, best, best_step, stopped_early, skipped, history)
+    return FitResult(
+        run_dir, state.step, state.best, state.best_step, stopped_early, state.skipped, state.history
+    )
+
+
+def _print_trainable(policy: nn.Module, trainable: int) -> None:
+    total = sum(p.numel() for p in policy.parameters())
+    print(f"[vla-ft] trainable parameters: {trainable:,} / {total:,} ({100.0 * trainable / total:.1f}%)")
+
+
+class _MicroBatches:
+    """Training micro-batches in ``sampler``'s order, read from the state's data position, which they
+    advance (a new DataLoader starts at the run's first step and at each new epoch)."""
+
+    def __init__(self, ds, micro: int, sampler, num_workers: int, device: torch.device, seed: int) -> None:
+        self.ds, self.micro, self.sampler = ds, micro, sampler
+        self.num_workers, self.device, self.seed = num_workers, device, seed
+        self._batches = None
+
+    def take(self, state: TrainState, k: int) -> list[Batch]:
+        """The next ``k`` micro-batches, on the device. When one cannot be read (a VLAFTError) the
+        data position stays after the last finished step (an epoch rollover is unwound too)."""
+        position = state.epoch, state.pos
+        try:
+            return [self._next(state) for _ in range(k)]
+        except VLAFTError:
+            state.epoch, state.pos = position
+            raise
+
+    def _next(self, state: TrainState) -> Batch:
+        if self._batches is None:
+            self._start(state)
+        batch = next(self._batches, None)
+        if batch is None:  # epoch finished
+            state.epoch, state.pos, self._batches = state.epoch + 1, 0, None
+            self._start(state)
+            batch = next(self._batches)
+        state.pos += self.micro
+        return to_device(batch, self.device)
+
+    def _start(self, state: TrainState) -> None:
+        self.sampler.set_position(state.epoch, state.pos)
+        loader = make_loader(self.ds, self.micro, self.sampler, self.num_workers, self.device, self.seed)
+        self._batches = iter(loader)
+
+
+def _settle(
+    state: TrainState, bad_steps: BadStepCounter, tc: TrainConfig, checkpoints: Checkpointer, logger
+) -> None:
+    """Read the NaN/Inf counters (one host sync): rewind the LR schedule by the steps skipped since
+    the last read, and stop after ``train.max_bad_steps`` bad steps in a row.
+
+    Raises:
+        TrainingDiverged: after saving the (unchanged) weights.
+    """
+    total, peak = bad_steps.read()
+    if total > state.skipped:  # the schedule advanced optimistically on steps that were skipped
+        state.scheduler.last_epoch -= total - state.skipped + 1
+        state.scheduler.step()
+        state.skipped = total
+    if peak >= tc.max_bad_steps:
+        path = checkpoints.save(state)
+        logger.close()
+        raise TrainingDiverged(
+            f"loss or gradient was NaN/Inf for {peak} consecutive steps (by step {state.step}); "
+            f"the last good weights are saved in {path}. Lower train.lr (now {tc.lr:g}), "
+            f"lengthen train.warmup_steps or set train.grad_clip"
+        )
+
+
+def _log_train(
+    logger,
+    state: TrainState,
+    metrics: dict[str, torch.Tensor],
+    tc: TrainConfig,
+    log_every: int,
+    data_wait: float,
+    step_time: float,
+) -> None:
+    """One ``train`` row (the global batch's mean loss terms, learning rates, throughput) and the
+    progress bar; ``data_wait``/``step_time`` are the seconds spent since the last row."""
+    row = {k: float(v) for k, v in metrics.items()}
+    row.update(lr_metrics(state.optimizer, state.scheduler, tc.lr))
+    row["samples_per_s"] = log_every * tc.batch_size / max(step_time, 1e-9)
+    row["data_wait_share"] = data_wait / max(step_time, 1e-9)
+    row["skipped_steps"] = state.skipped
+    device = state.ctx.device
+    if device.type == "cuda":
+        row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    logger.log(state.step, "train", row)
+    bar = {"loss": row["loss"], "lr": row["lr"], "gnorm": row["grad_norm"]}
+    bar.update({"smp/s": row["samples_per_s"], "wait": row["data_wait_share"]})
+    if "mem_gb" in row:
+        bar["memGB"] = row["mem_gb"]
+    logger.progress(state.step, bar)
+
+
+def _track(state: TrainState, checkpoints: Checkpointer, tc: TrainConfig, metric: str, value: float) -> bool:
+    """Record a validation/evaluation result in the history, and update the best value and the
+    patience counter when it is ``train.best_metric`` (a new best is saved and tagged ``best``).
+    True when training should stop early."""
+    state.history.append({"step": state.step, metric: value})
+    if metric != tc.best_metric or not math.isfinite(value):
+        return False
+    if _better(metric, value, state.best):
+        state.best, state.best_step, state.stale = value, state.step, 0
+        checkpoints.save(state, best=True)
+        return False
+    state.stale += 1
+    return tc.patience is not None and state.stale >= tc.patience
+
+
+def _evaluate(evaluate_fn: Callable, state: TrainState, checkpoints: Checkpointer) -> dict[str, float]:
+    """Rank 0's simulation evaluation of the evaluated weights, broadcast to every rank. Under FSDP
+    no rank holds the full weights: they are saved first and rank 0 evaluates the copy on disk."""
+    ctx = state.ctx
+    ckpt = checkpoints.save(state) if ctx.mode == "fsdp" else None
+    result = None
+    if ctx.is_main:
+        result = evaluate_fn(_full_model(ckpt, ctx.device) if ckpt else state.eval_model, state.step)
+    return ctx.broadcast(result)
+
+
+def _data_error(exc: VLAFTError, state: TrainState, checkpoints: Checkpointer, logger) -> VLAFTError:
+    """The error for a training batch that could not be read: ``exc``'s message plus where training
+    stopped. One process saves the state after the last finished step first (a distributed save
+    is collective: the other ranks are not there to join it)."""
+    where = f"training stopped before step {state.step + 1}"
+    if not state.ctx.enabled and state.step > 0:
+        where += (
+            f"; the state after step {state.step} is saved in {checkpoints.save(state)} (train.resume=auto)"
+        )
+    logger.close()
+    return type(exc)(f"{worker_message(exc)} ({where})")
+
+
+def _preempted(
+    stop: StopRequest,
+    state: TrainState,
+    bad_steps: BadStepCounter,
+    tc: TrainConfig,
+    checkpoints: Checkpointer,
+    logger,
+) -> Preempted:
+    """Settle the NaN/Inf counters, save a resumable checkpoint and close the logger: the error that
+    ends a run stopped by SIGTERM/SIGINT (exit status 75)."""
+    _settle(state, bad_steps, tc, checkpoints, logger)
+    path = checkpoints.save(state)
+    logger.close()
+    name = stop.signal.name if stop.signal else "a signal on another rank"
+    return Preempted(
+        f"stopped by {name} after step {state.step} of {tc.steps}; resumable checkpoint {path}: rerun "
+        f"the same command with train.resume=auto to continue (exit status {PREEMPTED_EXIT})"
+    )
 
 
 def _full_model(ckpt: Path, device: torch.device) -> nn.Module:

@@ -8,10 +8,10 @@ Groups follow the project's full fine-tuning recipe (docs/training.md):
 * layer-wise LR decay across both backbones, treated as one stack from the output down:
   heads and the top language layer get ``decay^0``, lower language layers ``decay^1, decay^2, ...``,
   then the projector, then the vision layers from the top stage down. A layer ``d`` steps from the
-  top gets ``lr * decay^d`` (the seed formula ``base_lr * decay^(N - i - 1)`` for layer i of N).
+  top gets ``lr * decay^d`` (the usual formula ``base_lr * decay^(N - i - 1)`` for layer i of N).
 
 Schedules come from transformers: warmup then cosine (with an optional floor), warmup then linear
-decay to zero (the seed formula), or warmup then constant. ``LambdaLR`` multiplies each group's own
+decay to zero (the usual formula), or warmup then constant. ``LambdaLR`` multiplies each group's own
 initial LR, so per-group ratios hold at every step.
 """
 
@@ -97,7 +97,7 @@ def build_param_groups(model: nn.Module, info: dict, cfg: TrainConfig) -> list[d
         names.setdefault(key, []).append(name)
     out = []
     for key in sorted(groups, key=lambda k: (k.module, k.depth_from_top, k.decay)):
-        lr = cfg.peak_lr * cfg.module_lr.get(key.module, 1.0) * cfg.layer_decay**key.depth_from_top
+        lr = cfg.lr * cfg.module_lr.get(key.module, 1.0) * cfg.layer_decay**key.depth_from_top
         out.append(
             {
                 "params": groups[key],
@@ -119,7 +119,7 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) 
     values; tensors under 4,096 values stay fp32). ``train.optimizer_in_backward``: fused AdamW
     stepped per parameter inside backward (:class:`InBackwardAdamW`).
     """
-    kwargs = {"lr": cfg.peak_lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.optimizer == "adamw8bit":
         return _adamw8bit(groups, kwargs, device)
     if cfg.optimizer_in_backward:
@@ -216,6 +216,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     if cfg.schedule == "linear":
         return get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+
+
+def lr_metrics(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, peak_lr: float
+) -> dict[str, float]:
+    """The learning rates to log: ``lr``, the base rate (``train.lr`` after the schedule), and
+    ``lr/<module>`` for each module of the parameter groups (under layer decay, its top layer's
+    rate: the groups are ordered by module, then depth from the top)."""
+    rates = {"lr": float(peak_lr * scheduler.lr_lambdas[0](scheduler.last_epoch))}
+    for group in optimizer.param_groups:
+        rates.setdefault(f"lr/{group['module']}", float(group["lr"]))
+    return rates
 
 
 def apply_unfreezing(model: nn.Module, info: dict, step: int, unfreeze_steps: int) -> int:

@@ -140,7 +140,7 @@ def check_env_names(env_cfg: Any) -> None:
         check_gym_id(env_cfg.gym_id)
         return
     if env_cfg.type == "robosuite":
-        from vla_ft.eval.robosuite_env import check_env_name
+        from vla_ft.sim.robosuite_env import check_env_name
 
         check_env_name(env_cfg)
         return

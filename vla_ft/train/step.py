@@ -133,6 +133,37 @@ def train_step(
     return means, found_inf == 0
 
 
+class BadStepCounter:
+    """Skipped (NaN/Inf) optimizer steps, counted on the device so that no step waits for the host:
+    the total and the longest run of consecutive skips, read at sync points with :meth:`read`.
+
+    Args:
+        skipped: steps skipped before (a resumed run's count).
+        device: where the counters live.
+        enabled: False under fp16, whose grad scaler skips overflowing steps itself.
+    """
+
+    def __init__(self, skipped: int, device: torch.device, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.total = torch.full((), float(skipped), device=device)
+        self.run = torch.zeros((), device=device)
+        self.peak = torch.zeros((), device=device)
+
+    def record(self, stepped: Tensor) -> None:
+        """Count one step; ``stepped`` is :func:`train_step`'s flag (False: skipped)."""
+        if not self.enabled:
+            return
+        bad = (~stepped).float()
+        self.total += bad
+        self.run.mul_(bad).add_(bad)  # consecutive bad steps: (run + bad) * bad
+        torch.maximum(self.peak, self.run, out=self.peak)
+
+    def read(self) -> tuple[int, int]:
+        """(skipped steps in all, the longest run of consecutive ones): one host sync."""
+        total, peak = (int(v) for v in torch.stack([self.total, self.peak]).tolist())
+        return total, peak
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor) -> None:
     """EMA of ``model`` into ``ema`` (a ``torch.optim.swa_utils.AveragedModel`` with buffers), only

@@ -1,9 +1,9 @@
 """Peak GPU memory per rank of one full fine-tuning step, predicted before anything is allocated.
 
-    python scripts/plan_memory.py --cfg pick_place.yaml model.preset=smolvlm-500m train.batch_size=16
+    vla-ft plan-memory --cfg pick_place.yaml model.preset=smolvlm-500m train.batch_size=16
 
 The policy is built on the meta device (no weights; an HF backbone given by name or directory
-contributes only its config.json; vla_ft/train/memory_arch.py reads its units) and the plan adds
+contributes only its config.json; vla_ft/tools/memory_arch.py reads its units) and the plan adds
 up, per rank, in bytes:
 
 * weights: fp32 master weights (sharded 1/W under FSDP, plus the unsharded ``param_dtype`` copies
@@ -26,14 +26,16 @@ buffers, torch.compile workspaces.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from vla_ft.config import Config
-from vla_ft.train.memory_arch import Arch, Unit, data_dims, data_tokens, describe, meta_policy
+from vla_ft.tools.memory_arch import Arch, Unit, data_dims, data_tokens, describe, meta_policy
 
 GIB = 2**30
 RESERVE = 1.10  # caching-allocator slack over torch's allocated peak
@@ -209,7 +211,7 @@ def plan_config(
     if arch is None:
         policy = meta_policy(cfg, dims)
     elif arch.get("kind") == "smolvla":
-        from vla_ft.train.memory_arch import smolvla_meta_policy
+        from vla_ft.tools.memory_arch import smolvla_meta_policy
 
         policy = smolvla_meta_policy(arch["path"], cfg.model, dims)
     else:
@@ -247,14 +249,14 @@ def warn_if_out_of_memory(
         )
         warnings.warn(
             f"predicted peak {plan.peak / GIB:.1f} GiB per GPU will not fit this {gpu_gb:.0f} GiB GPU "
-            f"(scripts/plan_memory.py prints the table). Try: {tips}",
+            f"(vla-ft plan-memory prints the table). Try: {tips}",
             stacklevel=2,
         )
     return plan
 
 
 def report(cfg: Config, world_size: int, precision: str, gpu_gb: float, headroom_gb: float = 2.0) -> dict:
-    """Everything ``scripts/plan_memory.py`` prints and writes: the plan of the config as given, the
+    """Everything ``vla-ft plan-memory`` prints and writes: the plan of the config as given, the
     same with activation checkpointing flipped, whether it fits ``gpu_gb`` and the advice."""
     arch, plan = plan_config(cfg, world_size, precision)
     flipped = estimate(arch, dataclasses.replace(plan.setting, checkpointing=not plan.setting.checkpointing))
@@ -314,3 +316,22 @@ def format_report(r: dict) -> str:
         lines.append("to fit, in order (each on top of the previous):")
         lines += [f"  {a['change']:<88} peak {a['peak_gib']:8.2f} GiB" for a in r["advice"]]
     return "\n".join(lines)
+
+
+def print_plan(
+    cfg: Config,
+    world_size: int,
+    precision: str,
+    gpu_gb: float,
+    headroom_gb: float = 2.0,
+    json_path: str | Path | None = None,
+) -> dict:
+    """``vla-ft plan-memory``: print :func:`report` as a table (and write it as JSON to ``json_path``)."""
+    result = report(cfg, world_size, precision, gpu_gb, headroom_gb)
+    print(format_report(result))
+    if json_path:
+        out = Path(json_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+    return result

@@ -1,22 +1,12 @@
-"""Task registry: ``list_tasks``, ``make``, ``make_expert`` and gymnasium registration."""
+"""Building a task's env and its scripted expert by name, and the tasks' gymnasium registration."""
 
 from __future__ import annotations
 
 import gymnasium as gym
 
-from envs.errors import UnknownTaskError
-from envs.tasks import TASKS, Task
-
-
-def list_tasks() -> list[str]:
-    """Names of every registered task."""
-    return list(TASKS)
-
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise UnknownTaskError(f"unknown task '{name}'; valid tasks: {', '.join(TASKS)}")
-    return TASKS[name]
+from envs.env import TabletopEnv
+from envs.experts import ScriptedExpert
+from envs.tasks import TASKS, get_task
 
 
 def gym_id(name: str) -> str:
@@ -26,16 +16,12 @@ def gym_id(name: str) -> str:
 
 def make(task: str, image_size: int = 64, cameras=("agentview", "wrist"), max_steps=None, render=True, **kw):
     """Build the env for ``task`` (no gymnasium wrappers; see ``TabletopEnv`` for kwargs)."""
-    from envs.env import TabletopEnv
-
     get_task(task)
     return TabletopEnv(task, image_size=image_size, cameras=cameras, max_steps=max_steps, render=render, **kw)
 
 
 def make_expert(env, noise: float = 0.0, seed: int | None = None):
     """The scripted expert for ``env``'s task (privileged state); see ``envs.experts``."""
-    from envs.experts import ScriptedExpert
-
     return ScriptedExpert(env.unwrapped, noise=noise, seed=seed)
 
 

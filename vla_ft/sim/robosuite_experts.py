@@ -43,7 +43,7 @@ def _body(env: Any, body_id: int) -> np.ndarray:
 
 
 class RobosuiteExpert:
-    """Runs a plan of :class:`Phase` on a :class:`~vla_ft.eval.robosuite_env.RobosuiteEnv`."""
+    """Runs a plan of :class:`Phase` on a :class:`~vla_ft.sim.robosuite_env.RobosuiteEnv`."""
 
     def __init__(self, env: Any, plan: list[Phase], noise: float = 0.0, seed: int | None = None) -> None:
         self.env = env

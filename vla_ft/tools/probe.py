@@ -12,33 +12,38 @@ cannot answer.
 3. **Does it look at the named object?** For policies with keypoint heat maps and files with
    grounding labels (``targets/<camera>``): how often the peak of heat map 0 (trained to find the
    named object) and 1 (the destination) lies within one cell of the labelled position on each
-   demo's first frame, where the policy decides what to reach for. On pick_place a wrong first-frame
-   peak predicted 11 of the 19 failures of a 81/100 policy (docs/training.md, "Sixth round").
+   demo's first frame, where the policy decides what to reach for: a wrong first-frame peak
+   predicts a wrong grasp.
 4. **Does it switch the gripper when the demo does, or one step after?** At each frame where the
    demo's gripper command changes sign (close, then open: the release), the share of predictions
    with the new sign a few steps before, at and after the switch. Offline, a policy that reads the
    switch from the fingers it sees (they move one step after the command) is right from +1 on and
-   wrong at 0; closed loop nothing moves the fingers first, so it never switches. LoRA r=16 at the
-   full fine-tuning learning rate carried the cube over the bowl in 79/100 episodes, released it in
-   none, and scored 0.00 at offset 0 of the release and 1.00 from +1 on (docs/training.md,
-   "Seventh round").
+   wrong at 0; closed loop nothing moves the fingers first, so it never switches.
 
-The first two found real problems in this project's own policies (docs/training.md, "Third round"),
-the third the lever from 81% to 90%, the fourth why a LoRA run never let go.
-``scripts/probe_policy.py`` is the command line.
+What each probe found in this project's own policies: docs/experiments/2026-11-pick-place-rounds.md
+(rounds 3, 6 and 7) and docs/experiments/2026-12-05-suite-policy.md.
+``vla-ft probe`` (:func:`run_probe`; also ``scripts/probe_policy.py``) is the command line.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
 from vla_ft.config import DataConfig
-from vla_ft.data.reader import Demo, FileScan, open_h5, read_frames, scan_file
+from vla_ft.data.layout import GRIPPER_DIM, gripper_index, history_indices
+from vla_ft.data.reader import open_h5, read_frames, scan_file
+from vla_ft.data.scan import Demo, FileScan
 from vla_ft.errors import ConfigError
+from vla_ft.models import VLAPolicy
+from vla_ft.models.policy import HeatmapSource
 from vla_ft.models.vision import cell_centres
 
 LATE_FROM = 8  # time steps >= this are pooled into one row
@@ -95,7 +100,7 @@ def _demo_obs(h5: h5py.File, demo: Demo, scan: FileScan, history: int) -> dict[s
     Same frames as ``TrajectoryDataset.get_batch``: t-history+1..t, frame 0 repeated before the start.
     """
     t = np.arange(demo.length)
-    hist = np.maximum(t[:, None] + np.arange(1 - history, 1), 0)  # (T, history), oldest first
+    hist = history_indices(t, history)  # (T, history), oldest first
     obs = {key: read_frames(h5, demo.name, key, t)[hist] for key in scan.image_keys}
     states = np.split(demo.state, np.cumsum(scan.state_dims)[:-1], axis=-1)  # the scan's key order
     obs.update({key: part[hist] for key, part in zip(scan.state_keys, states, strict=True)})
@@ -108,7 +113,7 @@ def probe_policy(
     demos: int = 100,
     mask: str | None = None,
     batch: int = 256,
-    gripper_dim: int = -1,
+    gripper_dim: int = GRIPPER_DIM,
 ) -> ProbeResult:
     """Run the probes of the module docstring on the first ``demos`` demos of ``path``.
 
@@ -141,7 +146,7 @@ def probe_policy(
         pool = [d for d in scan.demos if d.name in names]
     chosen = pool[: max(1, demos)]
     action_dim = chosen[0].actions.shape[1] if chosen else None
-    if action_dim is not None and not -action_dim <= gripper_dim < action_dim:  # before any forward pass
+    if action_dim is not None and gripper_index(action_dim, gripper_dim) is None:  # before any forward pass
         raise ConfigError(
             f"gripper_dim={gripper_dim}: {path} has {action_dim} action dimensions; use -{action_dim}.."
             f"{action_dim - 1} (the gripper command's dimension, usually -1)"
@@ -185,7 +190,7 @@ def probe_policy(
             }
         )
     grounding = None
-    if firsts and getattr(getattr(policy, "backbone", None), "has_heatmaps", False):
+    if firsts and isinstance(policy, HeatmapSource) and policy.heatmap_count:
         grounding = _grounding(policy, firsts)
     swap = None
     if swapped:
@@ -196,7 +201,8 @@ def probe_policy(
             "changed": np.abs(alt - pred).mean(0).round(6).tolist(),
             "frames": int(len(pred)),
         }
-    gripper = _gripper_switches(pred[:, gripper_dim], label[:, gripper_dim], step, gripper_dim % action_dim)
+    g = gripper_index(action_dim, gripper_dim)
+    gripper = _gripper_switches(pred[:, g], label[:, g], step, g)
     return ProbeResult(rows=rows, swap=swap, demos=len(chosen), grounding=grounding, gripper=gripper)
 
 
@@ -350,3 +356,26 @@ def format_probe(result: ProbeResult) -> str:
             "the fingers it sees, and closed loop it never makes the switch itself.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def run_probe(
+    checkpoint: str,
+    data: str,
+    demos: int = 100,
+    mask: str | None = None,
+    gripper_dim: int = GRIPPER_DIM,
+    json_path: str | Path | None = None,
+) -> ProbeResult:
+    """``vla-ft probe``: load ``checkpoint``, probe it on ``data`` (:func:`probe_policy`), print the
+    tables (and write the numbers as JSON to ``json_path``)."""
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    policy = VLAPolicy.from_pretrained(checkpoint).eval()
+    result = probe_policy(policy, data, demos=demos, mask=mask, gripper_dim=gripper_dim)
+    print(f"# Probe of {checkpoint} on {result.demos} demos of {data}\n")
+    print(format_probe(result))
+    if json_path:
+        out = Path(json_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"checkpoint": checkpoint, "data": data, **result.to_dict()}, indent=1))
+        print(f"wrote {out}")
+    return result

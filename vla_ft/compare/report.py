@@ -1,14 +1,16 @@
 """The comparison's outputs: a markdown table and a PNG bar chart from ``comparison.json`` content.
 
-Pure functions of the report dict (see :func:`vla_ft.compare.run_compare`); every file is written
-to a temporary name and renamed, so a crash never leaves a half-written report.
+Pure functions of the report dict (see :func:`vla_ft.compare.run.run_compare`); every file is
+written to a temporary name and renamed (:func:`vla_ft.io.write_atomic`), so a crash never leaves a
+half-written report.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from vla_ft.io import write_atomic
 
 COLUMNS = (
     "row",
@@ -20,14 +22,6 @@ COLUMNS = (
     "success (95% CI)",
     "final val loss",
 )
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -97,7 +91,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Full fine-tuning vs LoRA vs from scratch",
         "",
-        f"- command: `{report['command'] or 'vla_ft.compare.run_compare'}`",
+        f"- command: `{report['command'] or 'vla_ft.compare.run.run_compare'}`",
         f"- base: `{report['base'] or 'none (model.pretrained is null)'}`",
         f"- budget (every training row): {b['train.steps']} optimizer steps at batch {b['train.batch_size']}; "
         f"data {', '.join(f'`{p}`' for p in b['data.paths'])}",
@@ -186,8 +180,6 @@ def render_plot(report: dict[str, Any], path: Path) -> Path:
                 ax.text(
                     i, 0.02, label, ha="center", va="bottom", rotation=90, transform=ax.get_xaxis_transform()
                 )
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

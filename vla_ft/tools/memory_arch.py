@@ -152,11 +152,12 @@ def describe(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
     )  # fmt: skip
     head_mm = _matmul_params(policy.action_head) + _matmul_params(policy.task_head)
     units.append(Unit("heads", sum(params[n].numel() for n in heads), head_mm, h_acts, h_acts / 2, h_acts))
-    vision_params = list(bb.vision.parameters()) if hasattr(bb, "vision") else []
+    native = policy.arch["kind"] == "native"
+    vision_params = list(bb.vision.parameters()) if native else []
 
-    if hasattr(bb, "vision"):  # native: timm encoder (traced) + MLP projector (traced)
+    if native:  # timm encoder (traced) + MLP projector (traced)
         lm_cfg, vision = bb.language.model.config, bb.vision
-        cond = torch.zeros(1, d, device="meta") if getattr(bb, "conditions_vision", False) else None
+        cond = torch.zeros(1, d, device="meta") if bb.conditions_vision else None
         image = torch.zeros(1, 3, size, size, device="meta")
         run = lambda: vision(image, cond) if cond is not None else vision(image)  # noqa: E731
         vision.set_gradient_checkpointing(False)  # the policy may have been built with it on
@@ -187,7 +188,7 @@ def describe(policy: nn.Module, data_tokens: dict[str, int]) -> Arch:
     n_tokens = (
         views * image_tokens + data_tokens["state"] + data_tokens["instruction"] + data_tokens["chunk"] + 1
     )
-    film_tokens = data_tokens["instruction"] if getattr(bb, "conditions_vision", False) else 0
+    film_tokens = data_tokens["instruction"] if bb.conditions_vision else 0
 
     def by_module(module: str) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -399,7 +400,7 @@ def config_arch(cfg: Config) -> dict[str, Any]:
     from vla_ft.models.loading import resolve_arch
 
     if cfg.model.pretrained is not None:
-        from vla_ft.train.finetune import resolve_pretrained
+        from vla_ft.models.source import resolve_pretrained
 
         meta_file = Path(resolve_pretrained(cfg.model.pretrained)) / "config.json"
         from vla_ft.models.smolvla_policy import is_smolvla_dir

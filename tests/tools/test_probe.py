@@ -1,4 +1,4 @@
-"""Offline policy probes (vla_ft.eval.probe) on real collected reach demos."""
+"""Offline policy probes (vla_ft.tools.probe) on real collected reach demos."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import vla_ft.data.collect as collect
 from envs.env import FINGER_OPEN
 from vla_ft.config import ModelConfig, load_config
 from vla_ft.errors import ConfigError, DataError
-from vla_ft.eval.probe import format_probe, probe_policy
 from vla_ft.models import load_vla
+from vla_ft.tools.probe import format_probe, probe_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from model_helpers import make_info  # noqa: E402
@@ -111,7 +111,7 @@ def test_probe_errors(reach_file):
 class CornerHeatPolicy(EePolicy):
     """EePolicy with two keypoint heat maps (4x5 cells) per camera that always peak in one cell."""
 
-    backbone = SimpleNamespace(has_heatmaps=True)
+    heatmap_count = 2
 
     def __init__(self, cell=(0, 0)):
         super().__init__()

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vla_ft.compare import parse_row, parse_rows, row_config, run_child, run_compare, shared_config
+from vla_ft.compare.rows import parse_row, parse_rows, row_config, shared_config
+from vla_ft.compare.run import run_child, run_compare
 from vla_ft.config import load_config
 from vla_ft.errors import ConfigError
 from vla_ft.eval.scoring import wilson_interval
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _synthetic_info():
@@ -123,6 +124,7 @@ def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
     derived = {**shared, "train": {**shared["train"], "pretrain_lr": 1e-3, "lr_scale": 0.1}}
     scaled = row_config(derived, parse_row("full_lr10"), tmp_path / "out", tiny_base)["train"]
     assert scaled["pretrain_lr"] == pytest.approx(1e-2) and scaled["lr_scale"] == 0.1
+    assert scaled["lr"] == pytest.approx(1e-3)  # written resolved into the row's config
     assert rows["full"]["model"]["pretrained"] == str(tiny_base)
     assert rows["base"]["eval"]["out_dir"] == str(tmp_path / "out" / "runs" / "base" / "eval")
     # scratch: no weights, the base's architecture (its preset and knobs, not the config's)
@@ -137,7 +139,7 @@ def test_row_configs_share_data_budget_and_eval_seeds(tmp_path, tiny_base):
 
 
 def test_bc_cnn_row_trains_the_baseline_with_its_own_recipe(tmp_path, tiny_base):
-    from vla_ft.compare import BC_CNN_RECIPE, DEFAULT_ROWS, ROW_NAMES_HELP
+    from vla_ft.compare.rows import BC_CNN_RECIPE, DEFAULT_ROWS, ROW_NAMES_HELP
 
     row = parse_row("bc_cnn")
     assert (
@@ -147,7 +149,10 @@ def test_bc_cnn_row_trains_the_baseline_with_its_own_recipe(tmp_path, tiny_base)
     cfg = load_config(
         "pick_place.yaml",
         tiny_overrides(
-            tmp_path, tiny_base, tmp_path / "d.hdf5", **{"train.pretrain_lr": 1e-3, "train.lr_scale": 0.1}
+            tmp_path,
+            tiny_base,
+            tmp_path / "d.hdf5",
+            **{"train.lr": "null", "train.pretrain_lr": 1e-3, "train.lr_scale": 0.1},
         ),
     )
     shared = shared_config(cfg, tmp_path / "out", steps=30, episodes=5)
@@ -342,7 +347,7 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path, tiny_base, demos):
 
 def test_plot_renders_rows_at_0_and_100_percent(tmp_path):
     """The first full run (2026-11-23) crashed here: 0/100 rows gave a -1e-17 error bar."""
-    from vla_ft.compare_report import render_plot
+    from vla_ft.compare.report import render_plot
 
     rows = []
     for name, k in (("base", 0), ("full", 100), ("lora_r8", 1), ("failed", 0)):

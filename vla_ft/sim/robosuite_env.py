@@ -321,7 +321,7 @@ class RobosuiteEnv(gym.Env):
         return {}
 
     def scripted_expert(self, noise: float = 0.0, seed: int | None = None) -> Any:
-        from vla_ft.eval.robosuite_experts import make_expert
+        from vla_ft.sim.robosuite_experts import make_expert
 
         return make_expert(self, noise=noise, seed=seed)
 
