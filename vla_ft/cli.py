@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from vla_ft.config import load_config
-from vla_ft.errors import PREEMPTED_EXIT, Preempted, VLAFTError
+from vla_ft.errors import PREEMPTED_EXIT, Preempted, VLAFTError, suite_errors
 
 OVERRIDES_HELP = (
     "dotted overrides applied after the YAML, e.g. train.lr=3e-5 model.pretrained=path/or/hub-id "
@@ -214,7 +214,8 @@ def run_command(command: str, argv: Sequence[str]) -> int:
     says where the checkpoint is); a second Ctrl-C aborts with status 130.
     """
     try:
-        return COMMANDS[command](argv)
+        with suite_errors():  # a task-suite error no inner call site converted is still one line
+            return COMMANDS[command](argv)
     except VLAFTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
