@@ -14,11 +14,11 @@ from vla_ft.constants import (
     ACTION_IS_PAD,
     IMAGES,
     INPUT_KEYS,
-    TARGET_UV,
     INSTR_IDS,
     INSTR_MASK,
     PROGRESS,
     STATE,
+    TARGET_UV,
     TASK_ID,
 )
 from vla_ft.data.dataset import build_datasets, build_trajectory_datasets

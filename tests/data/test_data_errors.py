@@ -118,7 +118,9 @@ def _nan(n, arrays):
 def test_nan_actions_error_or_skip(tmp_path, write_h5):
     p = write_h5(tmp_path / "nan.hdf5", "ours", mutate=_nan)
     _raises(p, r"demo_1/actions: contains NaN/Inf; fix the file or set data.bad_demos=skip")
-    with pytest.warns(UserWarning, match=r"skipped 2 of 5 demos .*demo_1/actions: NaN/Inf, demo_4/actions: NaN/Inf"):
+    with pytest.warns(
+        UserWarning, match=r"skipped 2 of 5 demos .*demo_1/actions: NaN/Inf, demo_4/actions: NaN/Inf"
+    ):
         train, val, _ = _build(p, bad_demos="skip", val_fraction=0.0)
     assert sorted(r.name for r in train.refs) == ["demo_0", "demo_2", "demo_3"]
     assert np.isfinite(train.actions).all()
