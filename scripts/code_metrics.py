@@ -8,10 +8,12 @@ Layers, lowest first (a module may import its own layer and the ones below it):
 
     0 envs/                        the MuJoCo suite; stands alone
     1 vla_ft.constants, errors, integrity, io
-    2 vla_ft.config*, provenance   the typed config and its loader; commit, versions, machine
+    2 vla_ft.config, provenance    the typed config package (schema, loader); commit, versions, machine
     3 vla_ft.data, models, losses, sim (robosuite: an env with experts, for collection and eval)
-    4 vla_ft.eval                  simulation evaluation
-    5 vla_ft.train, config_checks  the loop, checkpoints, optimizers; cross-section config rules
+    4 vla_ft.eval                  simulation evaluation; also vla_ft.sim.env_types (the env-type
+                                   registry: builds gym ids through vla_ft.eval) and vla_ft.data.collect
+                                   (collection asks that registry)
+    5 vla_ft.train, config_checks  the loop, checkpoints, optimizers; config rules that need the models
     6 vla_ft.recipes / finetune, compare, bench_quality, tools, cli: orchestration
 
 An import from a lower layer to a higher one is an "upward import". Imports inside functions count
@@ -34,14 +36,16 @@ LONG_MODULE = 400
 LAYERS = {
     "envs": 0,
     "vla_ft": 1,
-    "vla_ft.config": 2,
+    "vla_ft.config": 2,  # the package: schema, loader, convert
     "vla_ft.config_docs": 6,
     "vla_ft.config_checks": 5,
     "vla_ft.provenance": 2,
     "vla_ft.data": 3,
+    "vla_ft.data.collect": 4,
     "vla_ft.models": 3,
     "vla_ft.losses": 3,
     "vla_ft.sim": 3,
+    "vla_ft.sim.env_types": 4,
     "vla_ft.task_terms": 3,
     "vla_ft.eval": 4,
     "vla_ft.train": 5,

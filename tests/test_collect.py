@@ -8,7 +8,9 @@ import pytest
 
 import vla_ft.data.collect as collect
 from vla_ft.config import load_config
-from vla_ft.errors import DataError
+from vla_ft.data.collect import EpisodeJob
+from vla_ft.errors import ConfigError, DataError
+from vla_ft.sim.env_types import CollectEnv
 
 
 def _cfg(tmp_path, *extra):
@@ -54,6 +56,28 @@ def test_collect_layout_two_tasks_parallel(tmp_path):
         train = [n.decode() for n in f["mask/train"][:]]
         valid = [n.decode() for n in f["mask/valid"][:]]
         assert len(valid) == 2 and sorted(train + valid) == sorted(names) and not set(train) & set(valid)
+
+
+def test_episodes_per_task_sets_a_task_own_count(tmp_path):
+    cfg, out = _cfg(
+        tmp_path, "collect.tasks=[reach,push]", "collect.episodes=2", "collect.episodes_per_task={push: 3}"
+    )
+    collect.run_collect(cfg)
+    with h5py.File(out, "r") as f:
+        tasks = [f["data"][f"demo_{i}"].attrs["task"] for i in range(len(f["data"]))]
+    assert tasks == ["reach"] * 2 + ["push"] * 3
+    # the first demos of a task are the same as with its default count: the seeds do not move
+    cfg, out2 = _cfg(tmp_path / "b", "collect.tasks=[push]", "collect.episodes=3")
+    collect.run_collect(cfg)
+    with h5py.File(out, "r") as f, h5py.File(out2, "r") as g:
+        assert [f["data"][f"demo_{i}"].attrs["seed"] for i in (2, 3, 4)] == [
+            g["data"][f"demo_{i}"].attrs["seed"] for i in range(3)
+        ]
+
+
+def test_episodes_per_task_names_only_collected_tasks(tmp_path):
+    with pytest.raises(ConfigError, match=r"collect.episodes_per_task.stack.*collect.tasks \(pick_place\)"):
+        _cfg(tmp_path, "collect.episodes_per_task={stack: 5}")
 
 
 def test_collect_is_independent_of_workers(tmp_path):
@@ -134,8 +158,11 @@ def test_post_success_steps_record_the_release_after_the_success_step():
     the expert going (gripper open, hand rising) so policies see the release."""
     import envs
 
-    job = ("pick_place", 5, 0.0, 32, ("agentview",), None)
-    plain, more = collect.run_episode((*job, 0)), collect.run_episode((*job, 8))
+    spec = CollectEnv("vla_ft", "pick_place", None, 32, ("agentview",))
+    plain, more = (
+        collect.run_episode(EpisodeJob(spec, 5, 0.0, 0)),
+        collect.run_episode(EpisodeJob(spec, 5, 0.0, 8)),
+    )
     assert plain["success"] and more["success"]
     n = len(plain["actions"])
     assert len(more["actions"]) == n + 8
@@ -145,7 +172,9 @@ def test_post_success_steps_record_the_release_after_the_success_step():
     assert more["obs"]["ee_pos"][-1, 2] > more["obs"]["ee_pos"][n - 1, 2] + 0.02  # the hand rises
     assert more["targets"]["agentview_image"].shape == (n + 8, 2, 2)
     # a failed episode gets no extra steps: an expert that never reaches success within 10 steps
-    short = collect.run_episode(("pick_place", 5, 0.0, 32, ("agentview",), 10, 8))
+    short = collect.run_episode(
+        EpisodeJob(CollectEnv("vla_ft", "pick_place", 10, 32, ("agentview",)), 5, 0.0, 8)
+    )
     assert not short["success"] and len(short["actions"]) == 10
     env = envs.make("pick_place", image_size=32, cameras=("agentview",))
     env.reset(seed=5)

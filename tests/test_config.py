@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,14 @@ import yaml
 
 from vla_ft.config import (
     CONFIG_DIR,
+    FLOW_STEPS_KNOB,
+    MODEL_EXTRA_KNOBS,
     Config,
+    ModelConfig,
+    ModelExtra,
     apply_override,
     config_from_dict,
+    config_to_dict,
     load_config,
     resolve_config_path,
     save_config,
@@ -220,6 +226,85 @@ def test_saved_config_reloads_identically(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     again = config_from_dict(yaml.safe_load(path.read_text()))
     assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        (
+            "model.extra.keypoints=four",
+            r"^model\.extra\.keypoints: expected int or null, got 'four' \(str\)$",
+        ),
+        ("model.extra.film=3", r"^model\.extra\.film: expected bool or null, got 3 \(int\)$"),
+        ("model.extra.channels=[8, a]", r"^model\.extra\.channels: expected list of int or null"),
+        ("model.extra.vision_kwargs=4", r"^model\.extra\.vision_kwargs: expected mapping of Any or null"),
+        ("model.extra.num_steps=2.5", r"^model\.extra\.num_steps: expected int or null"),
+    ],
+)
+def test_model_extra_values_are_typed(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("pick_place.yaml", [override])
+
+
+def test_model_extra_in_code_is_typed_too():
+    with pytest.raises(ConfigError, match=r"^model\.extra\.keypoints: expected int or null, got 'four'"):
+        ModelConfig(extra={"keypoints": "four"})
+    with pytest.raises(ConfigError, match=r"^model\.extra\.film: expected bool or null"):
+        ModelExtra(film=3)
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'model\.extra\.keypoint': did you mean 'keypoints'"
+    ):
+        ModelConfig(extra={"keypoint": 4})
+
+
+def test_model_extra_has_one_field_per_knob():
+    knobs = {FLOW_STEPS_KNOB, *(k for kind in MODEL_EXTRA_KNOBS.values() for k in kind)}
+    assert {f.name for f in dataclasses.fields(ModelExtra)} == knobs
+
+
+def test_model_extra_round_trips_with_only_the_set_knobs(tmp_path):
+    cfg = load_config("pick_place.yaml", ["model.extra.keypoints=4", "model.extra.vision_kwargs={depth: 1}"])
+    assert cfg.model.extra.keypoints == 4 and cfg.model.extra.film is None
+    assert config_to_dict(load_config("pick_place.yaml"))["model"]["extra"] == {}  # nothing set: as before
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "run").read_text())
+    assert saved["model"]["extra"] == {"vision_kwargs": {"depth": 1}, "keypoints": 4}
+    assert config_from_dict(saved) == cfg
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_model_config_reads_an_old_checkpoint_config_json():
+    # a checkpoint's config.json holds the model section with extra (and lora) as plain mappings
+    old = {
+        "pretrained": None,
+        "preset": "tiny",
+        "action_head": "flow",
+        "freeze": [],
+        "extra": {"pool_grid": 2, "num_steps": 4},
+        "lora": {"r": 0, "alpha": None, "dropout": 0.0, "target": ["language", "projector", "vision"]},
+    }
+    cfg = ModelConfig(**json.loads(json.dumps(old)))
+    assert cfg.extra == ModelExtra(pool_grid=2, num_steps=4) and cfg.flow_steps == 4
+    assert config_to_dict(cfg)["extra"] == old["extra"] and config_to_dict(cfg)["lora"] == old["lora"]
+    assert ModelConfig(**json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
+def test_cross_section_rules_are_checked_at_load_and_listed_together():
+    with pytest.raises(ConfigError, match=r"^train\.best_metric=success_rate needs periodic simulation"):
+        load_config("pick_place.yaml", ["train.best_metric=success_rate", "train.eval_every=0"])
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            "pick_place.yaml",
+            ["train.patience=2", "train.val_every=0", "model.lora.r=4", "train.unfreeze_steps=3"],
+        )
+    lines = str(exc.value).splitlines()
+    assert lines[0] == "2 problems in the config; fix them all:"
+    assert lines[1].startswith(
+        "  1. train.patience with train.best_metric=val_loss needs train.val_every > 0"
+    )
+    assert lines[2].startswith("  2. train.unfreeze_steps=3 with model.lora.r=4")
+    # collection loads a training config to write another file: not a problem until training
+    cfg = load_config("pick_place.yaml", ["collect.output=other.hdf5"])
+    assert cfg.data.collect_if_missing and cfg.collect.output == "other.hdf5"
 
 
 def test_peak_lr_from_scale(tmp_path):

@@ -1,6 +1,15 @@
-"""Cross-section rules of a run config: combinations of values from several sections that no one
-section can check on its own (each section of vla_ft/config.py validates its own values). They need
-no data and run in the trainer's preflight, before anything loads (vla_ft/train/finetune.py)."""
+"""The rules of a run config that need more than the config, checked in the trainer's preflight
+before anything loads (vla_ft/train/finetune.py). Each section validates its own values and
+:class:`~vla_ft.config.schema.Config` the rules across sections when it is built; the ones here
+are checked again with them, so a config changed after loading is still caught.
+
+* The options the model's kind cannot honour (bc-cnn's ``unsupported_options``) need the model
+  kind, which takes the preset registry and the checkpoint in ``vla_ft.models``; the config package
+  sits below the models and cannot ask them.
+* ``data.collect_if_missing`` with ``collect.output`` not ``data.paths[0]`` is a problem for
+  training only: demo collection loads the same configs to write another file
+  (``scripts/collect_demos.py --cfg pick_place.yaml collect.output=data/x.hdf5``).
+"""
 
 from __future__ import annotations
 
@@ -16,32 +25,28 @@ from vla_ft.train.preflight import Problems
 
 
 def config_problems(cfg: Config) -> list[ConfigError]:
-    """Cross-section checks that need no data, done before anything loads (every one that fails)."""
-    tc, found = cfg.train, []
-    if tc.best_metric == "success_rate" and not tc.eval_every:
-        found.append(
-            "train.best_metric=success_rate needs periodic simulation evaluation: set train.eval_every > 0"
-        )
-    if tc.patience is not None and tc.best_metric == "val_loss" and not tc.val_every:
-        found.append("train.patience with train.best_metric=val_loss needs train.val_every > 0")
-    if cfg.model.lora.r and tc.unfreeze_steps:
-        found.append(
-            f"train.unfreeze_steps={tc.unfreeze_steps} with model.lora.r={cfg.model.lora.r}: LoRA trains "
-            f"adapters on a frozen backbone, progressive unfreezing would unfreeze it; set train.unfreeze_steps=0"
-        )
-    if tc.parallel == "fsdp" and cfg.model.lora.r:
-        found.append(
-            f"model.lora.r={cfg.model.lora.r} with train.parallel=fsdp is not supported (LoRA checkpoints merge "
-            f"a full copy of the policy): use train.parallel=ddp, or model.lora.r=0"
-        )
+    """Every check of the config that needs no data, done before anything loads (every one that
+    fails): the cross-section rules, then :func:`model_kind_problems`."""
+    return [*rule_problems(cfg), *model_kind_problems(cfg)]
+
+
+def rule_problems(cfg: Config) -> list[ConfigError]:
+    """The config's cross-section rules and the training-only ones (module docstring)."""
+    found = cfg.cross_section_problems()
     if cfg.data.collect_if_missing and Path(cfg.collect.output) != Path(cfg.data.paths[0]):
         found.append(
             f"data.collect_if_missing collects into collect.output={cfg.collect.output!r}, which is not "
             f"data.paths[0]={cfg.data.paths[0]!r}: make them the same file"
         )
-    if config_kind(cfg) == "cnn":  # the bc-cnn baseline: options it has no use for
-        found += unsupported_options(cfg, fresh=cfg.model.pretrained is None)
     return [ConfigError(msg) for msg in found]
+
+
+def model_kind_problems(cfg: Config) -> list[ConfigError]:
+    """The options the config's kind of model cannot honour (bc-cnn: the ones it has no use for;
+    the model options among them would stop building the policy)."""
+    if config_kind(cfg) != "cnn":
+        return []
+    return [ConfigError(msg) for msg in unsupported_options(cfg, fresh=cfg.model.pretrained is None)]
 
 
 def config_kind(cfg: Config) -> str | None:

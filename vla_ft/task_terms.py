@@ -14,7 +14,7 @@ before training (:func:`task_term_problems`), what it needs from the data and th
 
 :class:`vla_ft.losses.ActionTaskLoss` computes the configured terms through the registry; a term of
 weight 0 whose labels the batch lacks is skipped (it would only be logged). A new term is one record
-added to :data:`TASK_TERMS` (and its name to ``loss.task_terms``' check in vla_ft/config.py).
+added to :data:`TASK_TERMS` (and its name to ``loss.task_terms``' check in vla_ft/config/schema.py).
 """
 
 from __future__ import annotations

@@ -16,12 +16,14 @@ STEPS, SIZE, SEEDS = 12, 32, (0, 1, 2, 3)
 
 @pytest.fixture(scope="module")
 def envs_file(tmp_path_factory):
-    from vla_ft.data.collect import _close_envs, run_episode
+    from vla_ft.data.collect import EpisodeJob, _close_envs, run_episode
     from vla_ft.data.writer import DemoWriter
+    from vla_ft.sim.env_types import CollectEnv
 
     path = tmp_path_factory.mktemp("envs") / "pick_place.hdf5"
     try:
-        eps = [run_episode(("pick_place", s, 0.0, SIZE, ("agentview", "wrist"), STEPS, 0)) for s in SEEDS]
+        spec = CollectEnv("vla_ft", "pick_place", STEPS, SIZE, ("agentview", "wrist"))
+        eps = [run_episode(EpisodeJob(spec, s, 0.0, 0)) for s in SEEDS]
     finally:
         _close_envs()
     with DemoWriter(path, {"env_name": "pick_place"}, {"language_instruction": eps[0]["instruction"]}) as w:

@@ -11,11 +11,12 @@ import torch
 
 from vla_ft.config import DataConfig, EnvConfig, EvalConfig
 from vla_ft.constants import IMAGES, STATE
-from vla_ft.data.collect import run_episode
+from vla_ft.data.collect import EpisodeJob, run_episode
 from vla_ft.data.dataset import build_trajectory_datasets
 from vla_ft.data.transforms import obs_to_inputs
 from vla_ft.data.writer import DemoWriter
 from vla_ft.eval import evaluate
+from vla_ft.sim.env_types import CollectEnv
 
 pytestmark = pytest.mark.sim
 
@@ -38,7 +39,9 @@ class ReplayPolicy:
 
 
 def test_recorded_and_live_frames_give_identical_inputs(tmp_path):
-    demo = run_episode(("pick_place", SEED, 0.0, SIZE, CAMERAS, None, 0))
+    demo = run_episode(
+        EpisodeJob(CollectEnv("vla_ft", "pick_place", None, SIZE, tuple(CAMERAS)), SEED, 0.0, 0)
+    )
     assert demo["success"]
     path = tmp_path / "demo.hdf5"
     with DemoWriter(path, {"task": "pick_place"}, {"language_instruction": demo["instruction"]}) as writer:

@@ -1,8 +1,10 @@
 """Scripted-expert demo collection: ``run_collect(cfg)`` (``scripts/collect_demos.py``), and
 ``ensure_data(cfg)``: a run's demos, collected first when missing and allowed.
 
-Episode ``i`` of task ``t`` resets with seed ``cfg.collect.seed + TASK_SEED_STRIDE * index(t) + i``
-(``index`` in ``envs.list_tasks()``, so a task's seeds do not depend on the task list). Attempts run
+What is collected comes from the env type's record (vla_ft/sim/env_types.py): this suite's
+``collect.tasks``, or robosuite's one env. Episode ``i`` of task ``t`` resets with seed
+``cfg.collect.seed + TASK_SEED_STRIDE * index(t) + i`` (``index`` in ``envs.list_tasks()``, so a
+task's seeds do not depend on the task list; robosuite: ``cfg.collect.seed + i``). Attempts run
 in a ``spawn`` process pool (forking after an EGL context exists hangs) in seed order; the first
 ``cfg.collect.episodes`` successful episodes per task (or all, with ``keep_failures``) are written,
 so the file does not depend on the number of workers. ``collect.goals: seen`` builds the envs with
@@ -22,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -32,52 +34,58 @@ from vla_ft.config import Config
 from vla_ft.data.lerobot import is_lerobot_path
 from vla_ft.data.writer import DemoWriter
 from vla_ft.errors import DataError, suite_errors
+from vla_ft.sim.env_types import CollectEnv, CollectTask, env_type
 
 TASK_SEED_STRIDE = 1_000_000
-ROBOSUITE = "<robosuite>"  # run_episode's task for env.type=robosuite jobs
-_ENVS: dict[tuple, Any] = {}  # per-process env cache (worker processes keep their envs)
+_ENVS: dict[CollectEnv, Any] = {}  # per-process env cache (worker processes keep their envs)
+
+
+def attempt_seed(base_seed: int, seed_slot: int, i: int) -> int:
+    """Reset seed of attempt ``i`` of the task in ``seed_slot`` (:class:`CollectTask`)."""
+    return base_seed + TASK_SEED_STRIDE * seed_slot + i
 
 
 def episode_seed(base_seed: int, task: str, i: int) -> int:
-    """Reset seed of attempt ``i`` of ``task``."""
+    """Reset seed of attempt ``i`` of this suite's ``task``."""
     import envs
 
-    return base_seed + TASK_SEED_STRIDE * envs.list_tasks().index(task) + i
+    return attempt_seed(base_seed, envs.list_tasks().index(task), i)
 
 
-def run_episode(job: tuple) -> dict[str, Any]:
-    """Roll the expert out once. ``job = (task, seed, noise, image_size, cameras, max_steps, post[, goals])``
-    (``goals``: the env's goal set, default ``all``).
+class EpisodeJob(NamedTuple):
+    """One collection attempt, as the process pool sends it to a worker.
 
-    After a success the expert keeps acting for ``post`` more steps (recorded; ``success`` stays the
-    outcome of the episode proper), so a demo shows what follows the success step (pick_place: the
-    gripper opening over the bowl and the hand rising).
+    Attributes:
+        env: the env to run it in (a worker builds it once and keeps it).
+        seed: the reset seed; the expert's noise is seeded with it too.
+        noise: Gaussian noise std of the expert's actions (``collect.action_noise``).
+        post: steps recorded after a success (``collect.post_success_steps``).
+    """
+
+    env: CollectEnv
+    seed: int
+    noise: float = 0.0
+    post: int = 0
+
+
+def run_episode(job: EpisodeJob) -> dict[str, Any]:
+    """Roll the expert of ``job.env``'s type out once.
+
+    After a success the expert keeps acting for ``job.post`` more steps (recorded; ``success`` stays
+    the outcome of the episode proper), so a demo shows what follows the success step (pick_place:
+    the gripper opening over the bowl and the hand rising).
 
     Returns:
         dict with ``obs`` (key -> (T, ...)), ``actions`` (T, 4), ``rewards`` (T,), ``dones`` (T,),
         ``states`` (T, S), ``targets`` (image key -> (T, 2, 2), ``env.target_uv``), ``success``,
         ``instruction``, ``task``, ``seed``, ``physics_error``.
     """
-    import envs
-
-    task, seed, noise, image_size, cameras, max_steps, post = job[:7]
-    goals = job[7] if len(job) > 7 else "all"
-    if task == ROBOSUITE:  # job[3] is then the env_args JSON (vla_ft/sim/robosuite_env.py)
-        key = (task, image_size, max_steps)
-        if key not in _ENVS:
-            from vla_ft.sim.robosuite_env import RobosuiteEnv
-
-            _ENVS[key] = RobosuiteEnv(json.loads(image_size), max_steps=max_steps)
-        env = _ENVS[key]
-        expert = env.scripted_expert(noise=noise, seed=seed)
-    else:
-        key = (task, image_size, tuple(cameras), max_steps, goals)
-        if key not in _ENVS:
-            _ENVS[key] = envs.make(
-                task, image_size=image_size, cameras=tuple(cameras), max_steps=max_steps, goals=goals
-            )
-        env = _ENVS[key]
-        expert = envs.make_expert(env, noise=noise, seed=seed)
+    kind = env_type(job.env)
+    if job.env not in _ENVS:
+        _ENVS[job.env] = kind.make_collect_env(job.env)
+    env = _ENVS[job.env]
+    seed, post = job.seed, job.post
+    expert = kind.make_expert(env, noise=job.noise, seed=seed)
     obs, info = env.reset(seed=seed)
     expert.reset()
     frames: dict[str, list] = {k: [] for k in obs}
@@ -111,10 +119,10 @@ def run_episode(job: tuple) -> dict[str, Any]:
         "success": bool(outcome["is_success"]) and not info["physics_error"],
         "physics_error": bool(info["physics_error"]),
         "instruction": info["instruction"],
-        "task": info.get("task", task),
+        "task": info.get("task", job.env.task),
         "seed": int(seed),
         # per-demo attributes the env adds (robosuite: the MuJoCo XML robomimic's playback resets to)
-        "attrs": env.demo_attrs() if hasattr(env, "demo_attrs") else {},
+        "attrs": kind.demo_attrs(env),
     }
 
 
@@ -123,7 +131,7 @@ def _close_envs() -> None:
         _ENVS.popitem()[1].close()
 
 
-def _results(jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
+def _results(jobs: list[EpisodeJob], workers: int) -> Iterator[dict[str, Any]]:
     """Episode results in job order (inline for one worker, else a spawn process pool).
 
     At most ``2 * workers`` episodes are in flight; when the caller stops early (enough successes),
@@ -152,38 +160,18 @@ def _results(jobs: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
                 fut.cancel()
 
 
-def _collect_task(
-    task: str, cfg: Config, writer: DemoWriter, instructions: list[str], env_args: dict | None = None
-) -> int:
-    """Write ``cfg.collect.episodes`` episodes of ``task`` (appending to ``instructions``); returns attempts.
-
-    With ``env_args`` (env.type=robosuite) the episodes run in that robosuite env, attempt ``i`` on
-    seed ``collect.seed + i``.
-    """
-    c, e = cfg.collect, cfg.env
-    attempts = math.ceil(c.episodes * c.max_attempts_factor)
-    if env_args is not None:
-        spec = json.dumps(env_args)
-        jobs = [
-            (ROBOSUITE, c.seed + i, c.action_noise, spec, (), e.max_steps, c.post_success_steps)
-            for i in range(attempts)
-        ]
-    else:
-        jobs = [
-            (
-                task,
-                episode_seed(c.seed, task, i),
-                c.action_noise,
-                e.image_size,
-                tuple(e.cameras),
-                e.max_steps,
-                c.post_success_steps,
-                c.goals,
-            )
-            for i in range(attempts)
-        ]
+def _collect_task(plan: CollectTask, cfg: Config, writer: DemoWriter, instructions: list[str]) -> int:
+    """Write ``cfg.collect.episodes_for(task)`` episodes of ``plan``'s task (appending to ``instructions``);
+    returns attempts."""
+    c, task = cfg.collect, plan.env.task
+    wanted = c.episodes_for(task)
+    attempts = math.ceil(wanted * c.max_attempts_factor)
+    jobs = [
+        EpisodeJob(plan.env, attempt_seed(c.seed, plan.seed_slot, i), c.action_noise, c.post_success_steps)
+        for i in range(attempts)
+    ]
     kept = tried = 0
-    with tqdm(total=c.episodes, desc=f"collect {task}", unit="demo") as bar:
+    with tqdm(total=wanted, desc=f"collect {task}", unit="demo") as bar:
         for ep in _results(jobs, min(c.workers, attempts)):
             tried += 1
             if ep["success"] or c.keep_failures:
@@ -197,10 +185,10 @@ def _collect_task(
                 kept += 1
                 bar.update(1)
             bar.set_postfix(attempts=tried)
-            if kept == c.episodes:
+            if kept == wanted:
                 return tried
     raise DataError(
-        f"task '{task}': only {kept}/{c.episodes} successful episodes in {attempts} attempts; raise "
+        f"task '{task}': only {kept}/{wanted} successful episodes in {attempts} attempts; raise "
         f"collect.max_attempts_factor (now {c.max_attempts_factor}) or lower collect.action_noise "
         f"(now {c.action_noise})"
     )
@@ -235,37 +223,6 @@ def warn_stale_env(paths: list[str]) -> list[str]:
     return stale
 
 
-def _env_args(cfg: Config) -> dict[str, Any]:
-    if cfg.env.type == "robosuite":
-        from vla_ft.sim.robosuite_env import resolve_env_args
-
-        # the file is being written: its env is the config's (env.env_name, env.cameras, ...)
-        return resolve_env_args(cfg.env, None)
-    if cfg.env.type != "vla_ft":
-        raise DataError(
-            f"collection runs this suite's or robosuite's scripted experts; env.type={cfg.env.type} has "
-            "none: record demos with your simulator's tools and point data.paths at them"
-        )
-    import envs
-    from envs.env import ENV_VERSION
-    from envs.tasks import get_task
-
-    for task in cfg.collect.tasks:
-        get_task(task)  # unknown names fail before any work, listing valid ones
-    env = envs.make(
-        cfg.collect.tasks[0],
-        image_size=cfg.env.image_size,
-        cameras=tuple(cfg.env.cameras),
-        render=False,
-        goals=cfg.collect.goals,
-    )
-    args = env.env_args()
-    env.close()
-    args["tasks"] = list(cfg.collect.tasks)
-    args["env_version"] = ENV_VERSION
-    return args
-
-
 def missing_data(paths: list[str]) -> list[str]:
     """The demo files of ``paths`` that do not exist (a LeRobotDataset root or hub id is read as it
     is, never collected, so it is never missing here)."""
@@ -279,7 +236,9 @@ def ensure_data(cfg: Config) -> None:
     if not missing:
         return
     if cfg.data.collect_if_missing and missing == [cfg.data.paths[0]]:
-        print(f"[vla-ft] {missing[0]} not found: collecting {cfg.collect.episodes} demos per task first")
+        c = cfg.collect
+        counts = ", ".join(f"{c.episodes_for(t)} of {t}" for t in c.tasks) if c.episodes_per_task else None
+        print(f"[vla-ft] {missing[0]} not found: collecting {counts or f'{c.episodes} demos per task'} first")
         run_collect(cfg)
         return
     raise DataError(
@@ -289,22 +248,21 @@ def ensure_data(cfg: Config) -> None:
 
 
 def run_collect(cfg: Config) -> Path:
-    """Collect demos for every task in ``cfg.collect.tasks`` into ``cfg.collect.output``.
+    """Collect demos for every task of the env type's plan (this suite: ``cfg.collect.tasks``;
+    robosuite: its one env) into ``cfg.collect.output``.
 
     Returns:
         The path of the published HDF5 file.
     """
     with suite_errors():  # the suite's own errors (unknown task, bad option) as vla_ft's EnvError
-        env_args = _env_args(cfg)
+        plan = env_type(cfg.env).collect_plan(cfg)
         out = Path(cfg.collect.output)
-        problem = {"language_instruction": "", "tasks": list(cfg.collect.tasks), "language_instructions": []}
-        writer = DemoWriter(out, env_args, problem)
+        tasks = [task.env.task for task in plan.tasks]
+        problem = {"language_instruction": "", "tasks": tasks, "language_instructions": []}
+        writer = DemoWriter(out, plan.env_args, problem)
         instructions: list[str] = []
         with writer:
-            if cfg.env.type == "robosuite":
-                problem["tasks"] = [env_args["env_name"]]
-                _collect_task(env_args["env_name"], cfg, writer, instructions, env_args)
-            for task in cfg.collect.tasks if cfg.env.type == "vla_ft" else ():
+            for task in plan.tasks:
                 _collect_task(task, cfg, writer, instructions)
             problem["language_instruction"] = instructions[0]
             problem["language_instructions"] = sorted(set(instructions))

@@ -1,7 +1,7 @@
 """The environment check before training and evaluation: build the env once, as a worker would.
 
 ``finetune`` and ``evaluate`` build ONE instance of the configured env (every task of ``env.tasks``)
-exactly as an evaluation worker does (``worker.EnvHost`` -> ``worker.make_env``), in a spawned
+exactly as an evaluation worker does (``worker.EnvHost`` -> ``env_type(env_cfg).make``), in a spawned
 process (forking after an EGL renderer hangs; the process never imports torch), reset it once, and
 compare what it gives with what the data or the checkpoint expects (vla_ft/eval/env_match.py).
 
@@ -25,6 +25,7 @@ from typing import Any
 
 from vla_ft import errors
 from vla_ft.errors import EnvError, VLAFTError, from_suite
+from vla_ft.sim.env_types import env_type
 
 STARTUP_TIMEOUT_S = 180.0  # spawn + imports + one env build and reset on a loaded 2-core machine
 # optional packages an env may need, and the pip extra (pyproject.toml) that installs each
@@ -77,34 +78,10 @@ class EnvSpec:
 # ---------------------------------------------------------------------------------- building
 
 
-def config_name(env_cfg: Any) -> str:
-    """The env as the config names it: ``env.task``, the gym id, or the robosuite env."""
-    if env_cfg.type == "gym":
-        return str(env_cfg.gym_id)
-    if env_cfg.type == "robosuite":
-        return str(getattr(env_cfg, "env_name", None) or "robosuite")
-    return str(env_cfg.task)
-
-
 def split_tasks(env_cfg: Any) -> list[Any]:
     """One env config per task scored: each of ``env.tasks``, else the config itself."""
     tasks = list(getattr(env_cfg, "tasks", None) or [])
     return [dataclasses.replace(env_cfg, task=t, tasks=[]) for t in tasks] if tasks else [env_cfg]
-
-
-def _what(env_cfg: Any) -> str:
-    if env_cfg.type == "gym":
-        return f"env.gym_id={env_cfg.gym_id!r}"
-    if env_cfg.type == "vla_ft":
-        return f"env.task={env_cfg.task!r}"
-    return f"env.type={env_cfg.type}" + (f" ({config_name(env_cfg)})" if config_name(env_cfg) else "")
-
-
-_ENV_KEYS = {
-    "gym": "env.gym_id / env.gym_kwargs / env.image_map / env.state_map",
-    "robosuite": "env.env_name / env.env_kwargs",
-    "vla_ft": "env.task / env.cameras / env.image_size",
-}
 
 
 def build_error(exc: BaseException, env_cfg: Any) -> VLAFTError:
@@ -112,15 +89,17 @@ def build_error(exc: BaseException, env_cfg: Any) -> VLAFTError:
     exc = from_suite(exc)  # the MuJoCo suite's errors as vla_ft's EnvError
     if isinstance(exc, VLAFTError):
         return exc
+    kind = env_type(env_cfg)
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         top = exc.name.split(".")[0]
         fix = f"pip install -e '.[{EXTRAS[top]}]'" if top in EXTRAS else f"install the package {top!r}"
-        return EnvError(f"{_what(env_cfg)} needs the {top!r} package, which is not installed: {fix}")
+        return EnvError(f"{kind.setting(env_cfg)} needs the {top!r} package, which is not installed: {fix}")
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
     reason = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
-    keys = _ENV_KEYS.get(env_cfg.type, "the env section")
-    return EnvError(f"{_what(env_cfg)}: the env could not be built: {reason}{where}; check {keys}")
+    return EnvError(
+        f"{kind.setting(env_cfg)}: the env could not be built: {reason}{where}; check {kind.keys}"
+    )
 
 
 def _probe_main(conn: Any, env_cfgs: list[Any], max_steps: int | None) -> None:
@@ -207,8 +186,9 @@ class EnvProbe:
         finally:
             self.close()
         if reply is None:
+            what = env_type(self.cfgs[0]).setting(self.cfgs[0])
             return EnvError(
-                f"{_what(self.cfgs[0])}: the env check process (one env build and reset, as an evaluation "
+                f"{what}: the env check process (one env build and reset, as an evaluation "
                 f"worker does) died or gave no answer in {timeout_s:.0f} s (exit code {self.proc.exitcode}); "
                 f"run python scripts/evaluate.py --cfg <config> --policy random eval.episodes=1 "
                 f"eval.workers=1 to see the env's error"
@@ -220,7 +200,7 @@ class EnvProbe:
                 if isinstance(kind, type) and issubclass(kind, VLAFTError)
                 else EnvError(reply[2])
             )
-        names = [config_name(c) for c in self.cfgs]
+        names = [env_type(c).config_name(c) for c in self.cfgs]
         self.specs = [EnvSpec.from_worker(spec, n) for spec, n in zip(reply[1], names, strict=True)]
         _CACHE[self.key] = self.specs
         return None

@@ -13,14 +13,13 @@ per task (about a second locally).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vla_ft.errors import ConfigError, EnvError, suite_errors
-from vla_ft.eval.env_check import EnvSpec, config_name
+from vla_ft.errors import ConfigError, EnvError
+from vla_ft.eval.env_check import EnvSpec
 from vla_ft.eval.env_match import check_spec, expected_from_policy, fallback_instruction
 from vla_ft.eval.policies import ExpertPolicy, RandomPolicy, check_policy, runs_in_worker
 from vla_ft.eval.pool import make_pool
@@ -28,6 +27,7 @@ from vla_ft.eval.report import build_manifest, log_wandb, write_reports
 from vla_ft.eval.rollout import Rollout, RolloutOutput
 from vla_ft.eval.scoring import EpisodeResult, aggregate
 from vla_ft.eval.video import write_video
+from vla_ft.sim.env_types import check_expert, env_type
 
 
 @dataclass
@@ -56,54 +56,6 @@ class EvalResult:
         return [(e.index, e.success, e.steps, e.reason) for e in self.episodes]
 
 
-def _env_name(env_cfg: Any) -> str:
-    if env_cfg.type == "robosuite":
-        return env_cfg.env_name or f"robosuite ({env_cfg.env_args_from})"
-    return env_cfg.gym_id if env_cfg.type == "gym" else env_cfg.task
-
-
-def task_names(env_cfg: Any) -> list[str]:
-    """What one evaluation scores, in order: ``env.tasks``, else ``env.task`` (gym: the id)."""
-    if env_cfg.type != "vla_ft":
-        return [_env_name(env_cfg)]
-    return list(getattr(env_cfg, "tasks", None) or []) or [env_cfg.task]
-
-
-def check_tasks(env_cfg: Any) -> None:
-    """Every task ``env_cfg`` names is one of this suite's and can sample ``env.goals`` (no env is
-    built), so that a bad name fails before training, or before the first task of a multi-task
-    evaluation runs rather than after it.
-
-    Raises:
-        EnvError: one line naming the unknown tasks (with the closest names) and the valid ones, or
-            the task without the goal set asked for.
-    """
-    from envs.env import check_goal_options
-    from envs.tasks import list_tasks
-
-    valid = list_tasks()
-    names = task_names(env_cfg)
-    unknown = [t for t in names if t not in valid]
-    if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        if getattr(env_cfg, "tasks", None):
-            one = len(hints) == 1
-            raise EnvError(
-                f"env.tasks names {', '.join(hints)}, which {'is not a task' if one else 'are not tasks'} "
-                f"of this suite; valid tasks: {', '.join(valid)}"
-            )
-        raise EnvError(
-            f"env.task={hints[0]} is not a task of this suite; valid tasks: {', '.join(valid)} (or "
-            "env.type=gym with env.gym_id)"
-        )
-    for name in names:
-        with suite_errors():
-            check_goal_options(name, env_cfg.goals, env_cfg.instructions, prefix="env.")
-
-
 @dataclass
 class _TaskRun:
     """One task's rollouts (a whole evaluation, or one task of a multi-task one)."""
@@ -126,12 +78,13 @@ def _run_task(
     episodes = int(eval_cfg.episodes)
     max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
     n_slots = min(int(eval_cfg.num_envs), episodes)
+    kind = env_type(env_cfg)
     pool = make_pool(env_cfg, eval_cfg, max_steps, n_slots, options)
     try:
         spec = pool.start()
         policy = _resolve_policy(policy, spec, env_cfg, eval_cfg.seed)
-        check_policy(policy, spec, _env_name(env_cfg))
-        env = EnvSpec.from_worker(spec, config_name(env_cfg))
+        check_policy(policy, spec, kind.display_name(env_cfg))
+        env = EnvSpec.from_worker(spec, kind.config_name(env_cfg))
         expected = expected_from_policy(policy)  # None: a policy without dims (random, expert)
         instruction = None
         if expected is not None:
@@ -147,7 +100,7 @@ def _run_task(
     wall = time.perf_counter() - start
     # an episode lost before its reset replied has no task from the env: one pool runs one task, so
     # it is the others' (else the per-task table would gain a "" row)
-    task = next((e.task for e in out.episodes if e.task), _env_name(env_cfg))
+    task = next((e.task for e in out.episodes if e.task), kind.display_name(env_cfg))
     for ep in out.episodes:
         ep.task = ep.task or task
     # named as it ran: the configured name, with the task the env reported when that differs
@@ -164,10 +117,8 @@ def _resolve_policy(policy: Any, spec: dict[str, Any], env_cfg: Any, seed: int) 
             policy = ExpertPolicy()
         else:
             raise EnvError(f"policy={policy!r} is not a policy object, 'expert' or 'random'")
-    if runs_in_worker(policy) and env_cfg.type == "gym":
-        raise EnvError(
-            f"--policy expert needs a task of this suite; env.type=gym ({env_cfg.gym_id}) has none"
-        )
+    if runs_in_worker(policy):
+        check_expert(env_cfg)
     return policy
 
 
@@ -217,13 +168,11 @@ def evaluate(
         "history": int(getattr(obs_spec, "history", 1) or 1),
         "expert": expert,
     }
-    if expert is not None and env_cfg.type == "gym":
-        raise EnvError(
-            f"--policy expert needs a task of this suite; env.type=gym ({env_cfg.gym_id}) has none"
-        )
+    if expert is not None:
+        check_expert(env_cfg)
     several = bool(getattr(env_cfg, "tasks", None))
     if several:  # a bad name fails now, not after the tasks before it ran
-        check_tasks(env_cfg)
+        env_type(env_cfg).check_names(env_cfg)
     task_cfgs = (
         [dataclasses.replace(env_cfg, task=t, tasks=[]) for t in env_cfg.tasks] if several else [env_cfg]
     )

@@ -10,8 +10,8 @@ Three forms:
   ``module:`` prefix to write.
 * ``Name-v0``: registered already (gymnasium's own envs, this suite's ``vla_ft/...`` ids).
 
-Every evaluation worker resolves the id this way before ``gym.make`` (``worker.make_env``), so an
-id that resolves in the check before training resolves in every worker. No torch here.
+Every evaluation worker resolves the id this way before ``gym.make`` (vla_ft/sim/env_types.py), so
+an id that resolves in the check before training resolves in every worker. No torch here.
 """
 
 from __future__ import annotations

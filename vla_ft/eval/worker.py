@@ -18,6 +18,8 @@ Observations sent back are the last ``history`` frames stacked on a leading T ax
 ``history > 1``, else a single frame. A user error in a worker (a ``VLAFTError``: unknown task, bad
 key map, NaN action) is sent back as ``("user_error", exc)`` and re-raised in the main process; any
 other exception is a bug: the worker replies ``("error", traceback)`` and the evaluator raises it.
+The envs and the in-worker experts are built by the record of ``env.type``
+(vla_ft/sim/env_types.py).
 
 This module must not import torch: workers only run the simulator.
 """
@@ -37,37 +39,12 @@ import numpy as np
 from vla_ft.data.layout import history_indices
 from vla_ft.errors import VLAFTError, from_suite
 from vla_ft.eval.scoring import REASON_PHYSICS, REASON_SUCCESS, REASON_TERMINATED, REASON_TIMEOUT
+from vla_ft.sim.env_types import EnvType, check_expert, env_type
 
 # Test hooks: the worker asked to reset episode number N kills itself with SIGKILL / stops answering.
 CRASH_ENV_VAR = "VLA_FT_EVAL_CRASH_AT_EPISODE"
 HANG_ENV_VAR = "VLA_FT_EVAL_HANG_AT_EPISODE"
 HARD_STEP_CAP = 10_000  # safety net for envs that never truncate
-
-
-def make_env(env_cfg: Any, max_steps: int | None, render: bool = True) -> Any:
-    """Build the env an ``env`` config section describes (this suite, a gymnasium id or robosuite)."""
-    if env_cfg.type == "gym":
-        from vla_ft.eval.gym_adapter import GymAdapter
-        from vla_ft.eval.gym_ids import resolve_gym_id
-
-        resolve_gym_id(env_cfg.gym_id)  # imports the module registering the id (e.g. Meta-World/...)
-        return GymAdapter(env_cfg, max_steps=max_steps, render=render)
-    if env_cfg.type == "robosuite":
-        from vla_ft.sim.robosuite_env import RobosuiteEnv, resolve_env_args
-
-        args = resolve_env_args(env_cfg, env_cfg.env_args_from)
-        return RobosuiteEnv(args, max_steps=max_steps, render=render, instruction=env_cfg.instruction)
-    import envs
-
-    return envs.make(
-        env_cfg.task,
-        image_size=env_cfg.image_size,
-        cameras=tuple(env_cfg.cameras),
-        max_steps=max_steps,
-        render=render,
-        goals=env_cfg.goals,
-        instructions=env_cfg.instructions,
-    )
 
 
 class _Slot:
@@ -115,7 +92,9 @@ def _episode_limit(env: Any, max_steps: int | None) -> int:
     return int(limit) if limit else HARD_STEP_CAP
 
 
-def _reset(slot: _Slot, index: int, seed: int, record: bool, expert: Any, max_steps: int | None):
+def _reset(
+    slot: _Slot, index: int, seed: int, record: bool, expert: Any, max_steps: int | None, kind: EnvType
+):
     if os.environ.get(CRASH_ENV_VAR) == str(index):
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get(HANG_ENV_VAR) == str(index):
@@ -129,11 +108,7 @@ def _reset(slot: _Slot, index: int, seed: int, record: bool, expert: Any, max_st
     slot.limit = _episode_limit(slot.env, max_steps)
     slot.push(obs)
     if expert is not None:
-        import envs
-
-        own = getattr(slot.env, "scripted_expert", None)  # robosuite: the env brings its experts
-        maker = own if own is not None else (lambda **kw: envs.make_expert(slot.env, **kw))
-        slot.expert = maker(noise=expert.noise, seed=seed)
+        slot.expert = kind.make_expert(slot.env, noise=expert.noise, seed=seed)
         slot.expert.reset()
     instruction = info.get("instruction") or getattr(slot.env.unwrapped, "instruction", "") or ""
     task = info.get("task") or getattr(slot.env.unwrapped, "task", "") or ""
@@ -183,10 +158,13 @@ class EnvHost:
     def __init__(self, env_cfg: Any, max_steps: int | None, slots: list[int], options: dict) -> None:
         self.max_steps = max_steps
         self.expert = options["expert"]
+        self.kind = env_type(env_cfg)  # builds the envs and their in-worker experts
+        if self.expert is not None:
+            check_expert(env_cfg)
         self.slots: dict[int, _Slot] = {}
         try:
             for s in slots:
-                self.slots[s] = _Slot(make_env(env_cfg, max_steps, render=True), options["history"])
+                self.slots[s] = _Slot(self.kind.make(env_cfg, max_steps, render=True), options["history"])
         except BaseException:
             self.close()  # renderers must be closed explicitly (docs/traps.md)
             raise
@@ -211,7 +189,7 @@ class EnvHost:
         """The payload of the ``("obs", payload)`` reply to a ``reset`` or ``step`` request."""
         if msg[0] == "reset":
             return [
-                (s, *_reset(self.slots[s], i, seed, rec, self.expert, self.max_steps))
+                (s, *_reset(self.slots[s], i, seed, rec, self.expert, self.max_steps, self.kind))
                 for s, i, seed, rec in msg[1]
             ]
         if msg[0] == "step":

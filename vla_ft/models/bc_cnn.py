@@ -88,9 +88,8 @@ def resolve_cnn_arch(preset_arch: dict[str, Any], cfg: ModelConfig) -> dict[str,
     if problems:  # the first (the trainer's preflight lists them all, vla_ft/train/finetune.py)
         raise ConfigError(problems[0])
     arch: dict[str, Any] = {"kind": KIND, **copy.deepcopy(preset_arch)}
-    for key in ARCH_KEYS:
-        if key in cfg.extra:
-            arch[key] = copy.deepcopy(cfg.extra[key])
+    knobs = cfg.extra.to_dict()
+    arch.update({key: knobs[key] for key in ARCH_KEYS if key in knobs})
     if cfg.hidden_size is not None:
         arch["width"] = cfg.hidden_size
     if cfg.num_layers is not None:
@@ -133,7 +132,7 @@ def model_problems(cfg: ModelConfig) -> list[str]:
     ):
         if value is not None:
             found.append(f"{key}={value!r} does not apply to model.preset=bc-cnn ({fix}): set {key}=null")
-    native = [k for k in NATIVE_KNOBS if k in cfg.extra]
+    native = [k for k in NATIVE_KNOBS if getattr(cfg.extra, k) is not None]
     if native:
         found.append(
             f"model.extra has {', '.join(native)}, knobs of the native (timm + language model) presets; "

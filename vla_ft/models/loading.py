@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
-from vla_ft.config import FLOW_STEPS_KNOB, MODEL_EXTRA_KNOBS, ModelConfig
+from vla_ft.config import FLOW_STEPS_KNOB, MODEL_EXTRA_KNOBS, ModelConfig, config_to_dict
 from vla_ft.errors import CheckpointError, ConfigError
 from vla_ft.integrity import model_files, verify, write_manifest
 from vla_ft.models.backbone import NativeBackbone
@@ -66,7 +66,7 @@ def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
 def _check_knobs(cfg: ModelConfig, kind: str) -> None:
     """Every ``model.extra`` key is a knob this kind of model reads (bc-cnn checks its own)."""
     own = (*MODEL_EXTRA_KNOBS[kind], FLOW_STEPS_KNOB)
-    other = [key for key in cfg.extra if key not in own]
+    other = [key for key in cfg.extra.to_dict() if key not in own]
     if other:
         raise ConfigError(
             f"model.extra has {', '.join(other)}, which a {kind} model (model.preset={cfg.preset!r}"
@@ -93,16 +93,21 @@ def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
     _check_knobs(cfg, "native")
     custom_vision = cfg.vision is not None and cfg.vision != preset.vision
     language: Any = cfg.language if cfg.language is not None else _size_overrides(preset.language, cfg)
+    knobs = cfg.extra
+
+    def knob(value: Any, default: Any) -> Any:  # a set knob, else the preset's value
+        return default if value is None else value
+
     return {
         "kind": "native",
         "vision": cfg.vision or preset.vision,
-        "vision_kwargs": dict(cfg.extra.get("vision_kwargs", {} if custom_vision else preset.vision_kwargs)),
-        "pool_grid": int(cfg.extra.get("pool_grid", preset.pool_grid)),
-        "channels_last": bool(cfg.extra.get("channels_last", preset.channels_last)),
-        "keypoints": int(cfg.extra.get("keypoints", preset.keypoints)),
-        "film": bool(cfg.extra.get("film", preset.film)),
-        "keypoint_tokens": bool(cfg.extra.get("keypoint_tokens", preset.keypoint_tokens)),
-        "keypoint_window": int(cfg.extra.get("keypoint_window", preset.keypoint_window)),
+        "vision_kwargs": dict(knob(knobs.vision_kwargs, {} if custom_vision else preset.vision_kwargs)),
+        "pool_grid": knob(knobs.pool_grid, preset.pool_grid),
+        "channels_last": knob(knobs.channels_last, preset.channels_last),
+        "keypoints": knob(knobs.keypoints, preset.keypoints),
+        "film": knob(knobs.film, preset.film),
+        "keypoint_tokens": knob(knobs.keypoint_tokens, preset.keypoint_tokens),
+        "keypoint_window": knob(knobs.keypoint_window, preset.keypoint_window),
         "language": language,
     }
 
@@ -173,7 +178,7 @@ def save_pretrained(policy: VLAPolicy, out_dir: str | Path, manifest: bool = Tru
     meta = {
         "format": FORMAT,
         "version": 1,
-        "model": dataclasses.asdict(policy.cfg),
+        "model": config_to_dict(policy.cfg),
         "dims": dataclasses.asdict(policy.dims),
         "arch": policy.arch,
     }

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vla_ft.config import ModelConfig
+from vla_ft.config import ModelConfig, config_to_dict
 from vla_ft.constants import (
     ACTION,
     ACTION_IS_PAD,
@@ -190,7 +190,7 @@ class SmolVLAPolicy(VLAPolicy):
         out = save_lerobot_smolvla(self.backbone, _processor_for(self), out_dir, state=state)
         meta = {
             "format": "vla_ft.smolvla",
-            "model": dataclasses.asdict(self.cfg),
+            "model": config_to_dict(self.cfg),
             "dims": dataclasses.asdict(self.dims),
         }
         (out / SIDE_FILE).write_text(json.dumps(meta, indent=1))

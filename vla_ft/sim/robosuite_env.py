@@ -24,7 +24,9 @@ placement samplers and robot init noise draw from, so an episode is a function o
 
 robosuite is an optional extra; its dependency ``mink`` (whole-body IK, unused here) pins
 ``numpy<2``, so the extra installs robosuite's other runtime dependencies and robosuite itself with
-``--no-deps`` (docs/robosuite.md). This module must not import torch (it runs in eval workers).
+``--no-deps`` (docs/robosuite.md). The ``robosuite`` record of vla_ft/sim/env_types.py builds it for
+evaluation and collection, with the experts of vla_ft/sim/robosuite_experts.py. This module must not
+import torch (it runs in eval workers).
 """
 
 from __future__ import annotations
@@ -319,11 +321,6 @@ class RobosuiteEnv(gym.Env):
     def target_uv(self) -> dict[str, np.ndarray]:
         """No grounding labels: robosuite data is trained with the label-free recipe."""
         return {}
-
-    def scripted_expert(self, noise: float = 0.0, seed: int | None = None) -> Any:
-        from vla_ft.sim.robosuite_experts import make_expert
-
-        return make_expert(self, noise=noise, seed=seed)
 
     def close(self) -> None:
         self.env.close()

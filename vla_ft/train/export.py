@@ -42,7 +42,7 @@ def _data_facts(cfg: Config) -> dict[str, Any]:
         "files": files,
         "collect": {
             "tasks": list(c.tasks),
-            "episodes_per_task": c.episodes,
+            "episodes_per_task": {task: c.episodes_for(task) for task in c.tasks},
             "seed": c.seed,
             "action_noise": c.action_noise,
         },
@@ -66,6 +66,14 @@ def build_card(cfg: Config, run_dir: Path, ckpt: Path, summary: dict[str, Any]) 
     }
 
 
+def _episode_counts(per_task: dict[str, int]) -> str:
+    """``"300 episodes per task"``, or each task's count when they differ."""
+    counts = set(per_task.values())
+    if len(counts) == 1:
+        return f"{counts.pop()} episodes per task"
+    return "episodes " + ", ".join(f"{task} {n}" for task, n in per_task.items())
+
+
 def _markdown(card: dict[str, Any]) -> str:
     s = card["summary"]
     ev = s.get("eval") or {}
@@ -84,7 +92,7 @@ def _markdown(card: dict[str, Any]) -> str:
         f"- Seed: {card['seed']}; device {s.get('device')} ({s.get('precision')}); {s.get('steps')} steps",
         f"- Data: {', '.join(_file_line(f) for f in card['data']['files'])},",
         f"  collected by the scripted experts: tasks {', '.join(collect['tasks'])}, "
-        f"{collect['episodes_per_task']} episodes per task, reset seeds from {collect['seed']}, "
+        f"{_episode_counts(collect['episodes_per_task'])}, reset seeds from {collect['seed']}, "
         f"action noise {collect['action_noise']}",
         f"- Parameters: {params.get('trainable', 0):,} trainable / {params.get('total', 0):,}",
         f"- Weights sha256: `{card['weights_sha256']}` (checkpoint `{card['source_checkpoint']}` of the run)",

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vla_ft.config import Config, save_config
-from vla_ft.config_checks import config_kind, config_problems
+from vla_ft.config_checks import config_kind, model_kind_problems, rule_problems
 from vla_ft.data.collect import ensure_data, missing_data
 from vla_ft.data.layout import gripper_index
 from vla_ft.errors import ConfigError, DataError, EnvError
@@ -30,6 +30,7 @@ from vla_ft.eval.env_check import EnvProbe, eval_max_steps
 from vla_ft.eval.env_match import check_envs, expected_from_data, fallback_instruction, instruction_warning
 from vla_ft.models.bc_cnn import unsupported_options
 from vla_ft.models.source import check_source, resolve_pretrained
+from vla_ft.sim.env_types import env_type
 from vla_ft.task_terms import task_term_problems
 from vla_ft.tools.plan_memory import warn_if_out_of_memory
 from vla_ft.train import checkpoint as ckpt_io
@@ -102,7 +103,7 @@ def prepare(cfg: Config, ctx: DistContext, run_dir: Path) -> Prepared:
     probe = None
     if sim_evaluates(cfg):
         with problems.check() as names:
-            if cfg.env.type != "gym":  # a gym id is imported and made by the env check itself
+            if not env_type(cfg.env).checked_by_build:  # gym: the env check imports and makes the id
                 check_env_names(cfg.env)  # cheap, and names the closest task; nothing is built
         if names.ok and ctx.is_main:
             probe = EnvProbe(cfg.env, eval_max_steps(cfg.env, cfg.eval))
@@ -126,7 +127,8 @@ def _check_all(
     from vla_ft.data.reader import scan_file
     from vla_ft.models import load_tokenizer, load_vla
 
-    for error in config_problems(cfg):
+    kind_errors = model_kind_problems(cfg)  # building the policy would raise the first again
+    for error in (*rule_problems(cfg), *kind_errors):
         problems.add(error)
     with problems.check():
         micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, ctx.world_size)
@@ -161,13 +163,9 @@ def _check_all(
             train_ds, val_ds, info = build_datasets(cfg.data, tokenizer, cfg.seed, scans=scans)
     for msg in task_term_problems(cfg, info=info) if info is not None else []:  # labels the data lacks
         problems.add(ConfigError(msg))
-    if info is not None and model_cfg is not None:
+    if info is not None and model_cfg is not None and not kind_errors:
         with problems.check():
-            try:
-                policy = load_vla(model_cfg, info)
-            except ConfigError as exc:  # said already by config_problems (e.g. a bc-cnn option)?
-                if str(exc) not in {str(e) for e in problems.errors}:
-                    raise
+            policy = load_vla(model_cfg, info)
         for error in _policy_problems(cfg, policy) if policy is not None else []:
             problems.add(error)
     if policy is not None and out_dir.ok:  # room for one checkpoint, now that its size is known

@@ -18,14 +18,12 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vla_ft.config import REPO_ROOT
-from vla_ft.errors import ConfigError, EnvError, VLAFTError
+from vla_ft.errors import ConfigError, VLAFTError
+from vla_ft.sim.env_types import env_type
 from vla_ft.train.checkpoint import human_bytes
 
 
@@ -98,52 +96,8 @@ def check_output_dir(out_dir: str | Path, need_bytes: int | None = None) -> None
             )
 
 
-# Run in a fresh interpreter, as a spawned evaluation worker starts: an id registered in this
-# process by an earlier import (metaworld imported by the user's script, say) is not there.
-_PROBE = """
-import sys
-try:
-    import envs  # this suite's vla_ft/... ids, registered as in a worker
-except Exception:
-    pass
-from vla_ft.errors import VLAFTError
-from vla_ft.eval.gym_ids import resolve_gym_id
-try:
-    resolve_gym_id(sys.argv[1])
-except VLAFTError as exc:
-    print(str(exc).splitlines()[0])
-    sys.exit(3)
-"""
-
-
-def check_gym_id(gym_id: str) -> None:
-    """A gymnasium id that :func:`gymnasium.make` will find in every evaluation worker: the module
-    of its ``module:`` prefix or of its namespace imported as a worker imports it
-    (:func:`vla_ft.eval.gym_ids.resolve_gym_id`), checked in a fresh interpreter (about a second).
-    Building the env is the env check's (vla_ft/eval/env_check.py)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    probe = subprocess.run(
-        [sys.executable, "-c", _PROBE, gym_id], capture_output=True, text=True, env=env, timeout=300
-    )
-    if probe.returncode == 0:
-        return
-    if probe.returncode == 3:
-        raise EnvError(probe.stdout.strip().splitlines()[-1])
-    reason = (probe.stderr.strip().splitlines() or ["no output"])[-1][-300:]
-    raise EnvError(f"env.gym_id={gym_id!r} could not be checked: {reason}")
-
-
 def check_env_names(env_cfg: Any) -> None:
-    """The task(s) (``env.task``, or every name in ``env.tasks``) or gymnasium id the run will be
-    scored on exist, and each task has the goal set ``env.goals`` asks for (no env is built)."""
-    if env_cfg.type == "gym":
-        check_gym_id(env_cfg.gym_id)
-        return
-    if env_cfg.type == "robosuite":
-        from vla_ft.sim.robosuite_env import check_env_name
-
-        check_env_name(env_cfg)
-        return
-    from vla_ft.eval.evaluate import check_tasks
-
-    check_tasks(env_cfg)
+    """The task(s) (``env.task``, or every name in ``env.tasks``), gymnasium id or robosuite env the
+    run will be scored on exist, and each task has the goal set ``env.goals`` asks for (no env is
+    built; a gymnasium id is resolved in a fresh interpreter, as a worker resolves it)."""
+    env_type(env_cfg).check_names(env_cfg)
