@@ -45,12 +45,14 @@ def build_manifest(
 
     ``max_steps`` is the limit the env applied (the workers report it; with several tasks a dict
     task -> limit, as tasks differ); None falls back to the config. ``tasks``: what was scored, in
-    order (None: ``env.task`` or the gym id); ``episodes`` and ``seeds`` are per task.
+    order (None: the env the config names: ``env.task``, the gym id or the robosuite env); ``episodes`` and ``seeds`` are per task.
     """
     if max_steps is None:
         max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
     if tasks is None:
-        tasks = [env_cfg.gym_id if env_cfg.type == "gym" else env_cfg.task]
+        from vla_ft.sim.env_types import env_type
+
+        tasks = [env_type(env_cfg).config_name(env_cfg)]
     return {
         "versions": package_versions(),
         "git_commit": git_commit(),
