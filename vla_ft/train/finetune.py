@@ -200,7 +200,7 @@ def _env_problems(cfg: Config, probe: EnvProbe, info: Any, scans: list) -> list[
 
 def _policy_problems(cfg: Config, policy: torch.nn.Module) -> list[ConfigError]:
     """Loss terms and options the loaded policy cannot serve (known once it is built)."""
-    if policy.arch.get("kind") == "cnn":  # bc-cnn: config_problems checked it when the kind was
+    if policy.arch.get("kind") == "cnn":  # bc-cnn: model_kind_problems checked it when the kind was
         if config_kind(cfg) == "cnn":  # known from the config; else (a hub checkpoint) now
             return []
         return [ConfigError(msg) for msg in unsupported_options(cfg, fresh=False)]
