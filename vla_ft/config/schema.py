@@ -255,6 +255,8 @@ class EnvConfig:
                 )
 
 
+# the policy's top-level modules, as model.freeze and train.module_lr name them
+POLICY_MODULES = ("vision", "language", "projector", "heads")
 LORA_TARGETS = ("language", "projector", "vision")
 
 
@@ -438,10 +440,10 @@ class ModelConfig:
         )
         for name in self.freeze:
             _check(
-                name in ("vision", "language", "projector", "heads"),
+                name in POLICY_MODULES,
                 "model.freeze",
                 name,
-                "use module names from: vision, language, projector, heads",
+                f"use module names from: {', '.join(POLICY_MODULES)}",
             )
         if self.lora.r > 0 and self.freeze:
             raise ConfigError(
@@ -564,10 +566,10 @@ class TrainConfig:
         _check(0 < self.layer_decay <= 1, "train.layer_decay", self.layer_decay, "use (0, 1], e.g. 0.95")
         for name, mult in self.module_lr.items():
             _check(
-                name in ("vision", "language", "projector", "heads"),
+                name in POLICY_MODULES,
                 "train.module_lr",
                 name,
-                "use module names from: vision, language, projector, heads",
+                f"use module names from: {', '.join(POLICY_MODULES)}",
             )
             _check(mult > 0, f"train.module_lr.{name}", mult, "use a positive multiplier")
         _check(self.unfreeze_steps >= 0, "train.unfreeze_steps", self.unfreeze_steps, "use 0 or more")
