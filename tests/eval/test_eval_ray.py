@@ -147,3 +147,132 @@ def test_a_local_ray_started_here_grows_for_more_actors(ray_session):
     result = evaluate("expert", ENV, cfg)
     assert [e.reason for e in result.episodes] == ["success", "success"]
     assert ray_session.cluster_resources()["CPU"] >= need
+
+
+def test_ray_started_early_serves_the_evaluation_and_sigterm_stays_the_callers(ray_session):
+    import signal
+    import socket
+
+    from vla_ft.eval.ray_pool import start_early
+
+    def ours(signum, frame):  # a training run's StopRequest handler, say
+        pass
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        ray_session.shutdown()
+        cfg = EvalConfig(episodes=2, workers=2, num_envs=2, backend="ray")
+        start_early(cfg)  # returns at once; the evaluation waits for the start
+        result = evaluate("expert", ENV, cfg)
+        assert [e.reason for e in result.episodes] == ["success", "success"]
+        assert signal.getsignal(signal.SIGTERM) is ours
+        ray_session.shutdown()  # and Ray started by the evaluation itself, in this (main) thread
+        assert evaluate("expert", ENV, cfg).success_rate == 1.0
+        assert signal.getsignal(signal.SIGTERM) is ours
+
+        # a start that fails raises its one-line error in the evaluation, not in the caller's thread
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # closed again: nothing listens there
+        ray_session.shutdown()
+        bad = EvalConfig(episodes=1, workers=1, backend="ray", ray_address=f"127.0.0.1:{port}")
+        start_early(bad)
+        with pytest.raises(EnvError, match=rf"cannot join the Ray cluster at '127.0.0.1:{port}'"):
+            evaluate("expert", ENV, bad)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_checkpoint_scored_on_ray_started_while_it_loads(ray_session, tmp_path):
+    from vla_ft.config import ModelConfig, load_config
+    from vla_ft.eval.run import run_evaluate
+    from vla_ft.models import ModelDims, build_policy, save_pretrained
+
+    keys = dict(image_keys=["agentview_image", "wrist_image"], state_keys=["ee_pos", "gripper_qpos"])
+    dims = ModelDims(action_dim=4, state_dim=5, image_size=(32, 32), **keys)
+    save_pretrained(build_policy(ModelConfig(preset="tiny"), dims), tmp_path / "ckpt")
+    overrides = [
+        "env.image_size=32",
+        "eval.episodes=2",
+        "eval.workers=2",
+        "eval.num_envs=2",
+        "eval.max_steps=8",
+    ]
+    results = {}
+    for backend in ("local", "ray"):
+        ray_session.shutdown()  # the ray run starts its own Ray while the checkpoint loads
+        cfg = load_config(
+            "pick_place.yaml", [*overrides, f"eval.backend={backend}", f"eval.out_dir={tmp_path / backend}"]
+        )
+        results[backend] = run_evaluate(cfg, ckpt=tmp_path / "ckpt", policy="checkpoint")
+    assert results["ray"].outcomes == results["local"].outcomes
+    assert results["ray"].report["timing"]["backend"] == "ray" and ray_session.is_initialized()
+
+
+SIGTERM_SCRIPT = r"""
+import os, signal, sys, time
+from vla_ft.config import EnvConfig, EvalConfig
+from vla_ft.eval import evaluate
+from vla_ft.eval.ray_pool import start_early
+
+got = []
+if sys.argv[1] == "handler":  # a training run's StopRequest, say; Ray starts in this (main) thread
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+cfg = EvalConfig(episodes=1, workers=1, num_envs=1, backend="ray")
+if sys.argv[1] == "early":  # no handler of its own; Ray starts in a background thread
+    start_early(cfg)
+evaluate("expert", EnvConfig(task="pick_place", image_size=32), cfg)
+me = str(os.getpid())
+children = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] == me:
+            children.append(pid)
+    except OSError:
+        pass
+print("children", *children, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)  # longer than the 3 s after which Ray's own handler aborts the process
+print("survived", got, flush=True)
+"""
+
+
+def _run_sigterm_script(mode):
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_SCRIPT, mode], capture_output=True, text=True, timeout=300
+    )
+    lines = proc.stdout.splitlines()
+    children = next(line.split()[1:] for line in lines if line.startswith("children"))
+    return proc, lines, [int(pid) for pid in children]
+
+
+def test_sigterm_after_a_ray_evaluation_reaches_the_callers_handler():
+    _ray()
+    proc, lines, _ = _run_sigterm_script("handler")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # not Ray's abort (-6) 3 s after the signal
+    assert "survived [15]" in lines
+
+
+def test_sigterm_without_a_handler_exits_and_shuts_ray_down():
+    import os
+    import time
+
+    _ray()
+    proc, lines, children = _run_sigterm_script("early")
+    assert proc.returncode == 128 + 15, proc.stderr[-2000:]
+    assert not any(line.startswith("survived") for line in lines)
+    assert children  # the GCS, the raylet and the rest of the Ray this process started
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in children)

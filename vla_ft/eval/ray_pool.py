@@ -12,6 +12,15 @@ a dead cluster). The connection stays for later evaluations in this process (per
 during training pays start-up once) and ends at exit: a Ray started here is shut down then, a
 joined cluster keeps running. ``ray.shutdown()`` ends it earlier.
 
+Ray's start-up (2.4-3.6 s for a local Ray on 2 cores) can overlap the caller's own: :func:`start_early`
+begins connecting in a background thread while the caller loads its checkpoint, and the pool's
+:func:`connect` waits for it. ``ray.init`` replaces the SIGTERM handling (a Python handler that
+exits, and a C-level one that aborts 3 s after the signal); :func:`connect` puts the caller's
+handler back, so a training run stopped by SIGTERM after a periodic evaluation still finishes its
+step and saves (vla_ft/train/preempt.py). Training does not start Ray early for that reason: a
+thread's ``ray.init`` lands at an unknown moment, and the main thread could not put the handler
+back until the first evaluation.
+
 An actor that dies (its process killed, its node lost) or does not answer within
 ``eval.worker_timeout_s`` is killed and replaced by a new one; its in-flight episodes become
 ``worker_crash`` failures recorded with the node the actor ran on.
@@ -19,9 +28,14 @@ An actor that dies (its process killed, its node lost) or does not answer within
 
 from __future__ import annotations
 
+import atexit
+import logging
 import math
 import os
+import signal
 import socket
+import sys
+import threading
 from typing import Any
 
 from vla_ft.errors import ConfigError, EnvError
@@ -44,6 +58,65 @@ def import_ray() -> Any:
 
 
 _started: dict[str, str | None] = {"gcs": None}  # the GCS address of the local Ray this process started
+# start_early's state: the "done" event of its thread (None: no start under way) and what it raised
+_early: dict[str, Any] = {"done": None, "error": None}
+_never = threading.Event()  # the start thread waits on it until the process exits (start_early)
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The cluster an evaluation joins: ``eval.ray_address``, else ``$RAY_ADDRESS``, else None (a new local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def cpus_needed(eval_cfg: Any, n_slots: int) -> float:
+    """CPUs the actors of an evaluation with ``n_slots`` env slots reserve (one actor per worker)."""
+    return max(1, min(int(eval_cfg.workers), n_slots)) * float(eval_cfg.ray_num_cpus)
+
+
+def start_early(eval_cfg: Any) -> None:
+    """Begin connecting to Ray for ``eval_cfg`` in a background thread and return at once.
+
+    The first evaluation's :func:`connect` waits for the thread and raises what it raised (the same
+    one-line errors as a connection made there). Does nothing when Ray is connected or a start is
+    under way. Ray's SIGTERM handler is not installed from a thread, so the caller's stays.
+    """
+    ray = import_ray()
+    if ray.is_initialized() or _early["done"] is not None:
+        return
+    slots = max(1, min(int(eval_cfg.num_envs), int(eval_cfg.episodes)))  # as evaluate() deals them
+    args = (resolve_address(eval_cfg.ray_address), cpus_needed(eval_cfg, slots))
+
+    done = threading.Event()
+    _early["done"] = done
+
+    def run() -> None:
+        try:
+            _connect_now(*args)
+        except BaseException as exc:  # handed to the main thread by connect()
+            _early["error"] = exc
+        finally:
+            done.set()
+        # Ray's processes die with the thread that started them (Linux's parent-death signal follows
+        # the creating thread, not the process), so this thread lives as long as the process.
+        _never.wait()
+
+    threading.Thread(target=run, name="vla-ft-ray-start", daemon=True).start()
+    # A process that exits (an error while its checkpoint loads, say) lets the start finish first, so
+    # Ray's own exit hook, registered at `import ray` and so run after this one, shuts down a whole Ray.
+    atexit.register(done.wait, STARTUP_TIMEOUT_S)
+
+
+def _wait_early() -> None:
+    """Wait for a :func:`start_early` start, if one is under way, and raise what it raised."""
+    done, _early["done"] = _early["done"], None
+    if done is None:
+        return
+    done.wait()
+    if threading.current_thread() is threading.main_thread():
+        _keep_sigterm(signal.getsignal(signal.SIGTERM))
+    error, _early["error"] = _early["error"], None
+    if error is not None:
+        raise error
 
 
 def connect(address: str | None, cpus_needed: float) -> None:
@@ -54,6 +127,51 @@ def connect(address: str | None, cpus_needed: float) -> None:
         cpus_needed: CPUs the actors of this evaluation reserve; a local Ray started here for an
             earlier evaluation with fewer is replaced by a bigger one.
     """
+    _wait_early()
+    _connect_now(address, cpus_needed)
+
+
+class _DropThreadWarning(logging.Filter):
+    """Ray warns that it set no SIGTERM handler when started from a thread: that is what we want."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM in a process that set no handler: exit through Python, so the exit hooks shut Ray down."""
+    sys.exit(128 + signum)
+
+
+def _keep_sigterm(handler: Any) -> None:
+    """Install the caller's SIGTERM handler again, over Ray's.
+
+    ``ray.init`` sets a Python SIGTERM handler that exits, and Ray's core a C-level one that aborts
+    the process 3 s after the signal; a training run that finishes its step and saves on SIGTERM
+    (vla_ft/train/preempt.py) needs longer. ``signal.signal`` replaces both. A caller without a
+    handler of its own (the default action) gets one that exits through Python instead, so Ray
+    still shuts down at exit as its own handler would have made it.
+    """
+    if handler in (None, signal.SIG_DFL):
+        handler = _exit_on_sigterm
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _init(ray: Any, **kwargs: Any) -> None:
+    """``ray.init`` that leaves the caller's SIGTERM handler in place (module docstring)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main else None
+    quiet = _DropThreadWarning()
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    try:
+        ray.init(**kwargs)
+    finally:
+        logging.getLogger("ray._private.worker").removeFilter(quiet)
+        if in_main:
+            _keep_sigterm(previous)
+
+
+def _connect_now(address: str | None, cpus_needed: float) -> None:
     ray = import_ray()
     if ray.is_initialized():
         ours = _started["gcs"] == ray.get_runtime_context().gcs_address
@@ -68,13 +186,13 @@ def connect(address: str | None, cpus_needed: float) -> None:
         )
         _check_reachable(address, hint)
         try:
-            ray.init(address=address)  # num_cpus/num_gpus raise when joining a cluster
+            _init(ray, address=address)  # num_cpus/num_gpus raise when joining a cluster
         except (ConnectionError, RuntimeError) as exc:
             raise EnvError(hint.format(exc)) from exc
         _started["gcs"] = None
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+        _init(ray, address="local", num_cpus=cpus, include_dashboard=False)
         _started["gcs"] = ray.get_runtime_context().gcs_address  # Ray's own exit hook shuts it down
 
 
@@ -159,7 +277,7 @@ class RayPool(BasePool):
         super().__init__(n_slots, n_workers, timeout_s)
         self.ray = import_ray()
         self.env_cfg, self.max_steps, self.options = env_cfg, max_steps, options
-        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.address = resolve_address(address)
         self.num_cpus, self.num_gpus = float(num_cpus), float(num_gpus)
         self.actors: dict[int, Any] = {}
         self.ready_refs: dict[int, Any] = {}

@@ -62,7 +62,8 @@ def run_evaluate(cfg: Any, ckpt: str | Path | None = None, policy: str = "checkp
     """Score a checkpoint (``policy="checkpoint"``), the scripted expert or a random policy.
 
     A checkpoint is checked against one instance of the env (every task of ``env.tasks``), built
-    in a spawned process while it loads, before any worker starts (vla_ft/eval/env_check.py).
+    in a spawned process while it loads, before any worker starts (vla_ft/eval/env_check.py). With
+    ``eval.backend=ray`` Ray starts in a background thread meanwhile (vla_ft/eval/ray_pool.py).
 
     Args:
         cfg: the whole run config; ``cfg.env`` and ``cfg.eval`` are used.
@@ -78,6 +79,10 @@ def run_evaluate(cfg: Any, ckpt: str | Path | None = None, policy: str = "checkp
                 "--ckpt DIR is required to score a checkpoint (or use --policy expert|random)"
             )
         _check_dir(ckpt)
+        if cfg.eval.backend == "ray":  # Ray starts while the checkpoint and the env probe load
+            from vla_ft.eval.ray_pool import start_early
+
+            start_early(cfg.eval)
         with EnvProbe(cfg.env, eval_max_steps(cfg.env, cfg.eval)) as probe:  # builds while it loads
             target: Any = load_policy(ckpt)
             specs = probe.result()
