@@ -32,13 +32,17 @@ def _check(cond: bool, key: str, value: Any, fix: str) -> None:
 
 @dataclass
 class AugmentConfig:
-    """Image augmentation applied to training batches only (never at validation or evaluation)."""
+    """Augmentation of training samples only (never at validation or evaluation): images, and the
+    instructions' wording (``instruction_noise``)."""
 
     enabled: bool = True
     shift: int = 4  # random shift: pad by `shift` px (replicate) and crop back, per sample
     crop_scale: float = 1.0  # random resized crop area lower bound (1.0 = off); e.g. 0.8
     color_jitter: float = 0.0  # brightness/contrast/saturation strength (0 = off), e.g. 0.4
     rotation_deg: float = 0.0  # max small rotation (0 = off)
+    # probability that a training sample's instruction has 1-2 made-up words inserted (0 = off): the
+    # policy learns to act on the words it knows; vla_ft/data/instruction_noise.py
+    instruction_noise: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.shift >= 0, "data.augment.shift", self.shift, "use a pixel count >= 0")
@@ -47,6 +51,12 @@ class AugmentConfig:
         )
         _check(self.color_jitter >= 0.0, "data.augment.color_jitter", self.color_jitter, "use a value >= 0")
         _check(self.rotation_deg >= 0.0, "data.augment.rotation_deg", self.rotation_deg, "use degrees >= 0")
+        _check(
+            0.0 <= self.instruction_noise <= 1.0,
+            "data.augment.instruction_noise",
+            self.instruction_noise,
+            "use a probability in [0, 1]",
+        )
 
 
 @dataclass

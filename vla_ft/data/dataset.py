@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vla_ft.config import DataConfig
+from vla_ft.data.instruction_noise import build_noisy_tokens
 from vla_ft.data.normalize import Normalizer
 from vla_ft.data.reader import scan_file
 from vla_ft.data.scan import FileScan
@@ -264,8 +265,23 @@ def build_trajectory_datasets(
         cache_images=cache,
     )
     wp_key, wp_dims = _waypoint_dims(data_cfg, spec, scans[0].state_dims)
+    aug = data_cfg.augment
+    noise = (
+        build_noisy_tokens(
+            instructions,
+            aug.instruction_noise,
+            seed,
+            lambda texts: _tokenize(tokenizer, texts, data_cfg.instruction_max_tokens),
+        )
+        if tokenizer is not None and aug.enabled and aug.instruction_noise > 0
+        else None
+    )
     train = TrajectoryDataset(
-        demos=[tr for tr, _ in splits], file_weights=data_cfg.weights, waypoint_dims=wp_dims, **common
+        demos=[tr for tr, _ in splits],
+        file_weights=data_cfg.weights,
+        waypoint_dims=wp_dims,
+        instruction_noise=noise,
+        **common,
     )
     has_val = any(va for _, va in splits)
     val = (

@@ -33,6 +33,7 @@ from vla_ft.constants import (
     TASK_ID,
     WAYPOINT,
 )
+from vla_ft.data.instruction_noise import NoisyTokens
 from vla_ft.data.layout import GRIPPER_DIM, history_indices
 from vla_ft.data.normalize import Normalizer
 from vla_ft.data.reader import open_h5_handle, read_frames, unreadable
@@ -113,6 +114,8 @@ class TrajectoryDataset(Dataset):
             or None for no WAYPOINT key in samples.
         waypoint_scale: (3,) per-axis divisor of the waypoint targets (None: this dataset's std;
             pass the training set's to a validation set).
+        instruction_noise: noisy instruction variants some samples read instead
+            (vla_ft/data/instruction_noise.py; training sets only), or None.
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class TrajectoryDataset(Dataset):
         file_weights: Sequence[float] | None = None,
         waypoint_dims: slice | None = None,
         waypoint_scale: np.ndarray | None = None,
+        instruction_noise: NoisyTokens | None = None,
     ):
         self.paths = [s.path for s in scans]
         self.frames = [s.frames for s in scans]  # LeRobot v3 decoders (None: HDF5 file)
@@ -138,6 +142,7 @@ class TrajectoryDataset(Dataset):
         self.file_hw = sizes
         self.file_size_id = np.array([sizes.index(hw) for hw in sizes], dtype=np.int64)  # per file
         self.spec, self.normalizer, self.chunk, self.tokens = spec, normalizer, chunk, tokens
+        self.instruction_noise = instruction_noise
         self.instructions = list(instructions)
         self.file_weights = None if file_weights is None else list(file_weights)
         self.refs: list[DemoRef] = []
@@ -323,6 +328,10 @@ class TrajectoryDataset(Dataset):
             instr = self.demo_instr[dt]
             batch[INSTR_IDS] = self.tokens.ids[instr]
             batch[INSTR_MASK] = self.tokens.mask[instr]
+            if self.instruction_noise is not None:
+                batch[INSTR_IDS], batch[INSTR_MASK] = self.instruction_noise.apply(
+                    idx, instr, batch[INSTR_IDS], batch[INSTR_MASK]
+                )
         return batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
