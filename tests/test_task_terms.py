@@ -10,6 +10,7 @@ import torch
 
 from vla_ft import constants as K
 from vla_ft.config import LossConfig, load_config
+from vla_ft.config.schema import TASK_TERM_NAMES
 from vla_ft.errors import ConfigError
 from vla_ft.losses import ActionTaskLoss
 from vla_ft.task_terms import TASK_TERMS, TermCapabilities, task_term_problems
@@ -44,6 +45,7 @@ def _policy(heatmaps: int):
 
 def test_every_term_names_its_labels_and_output():
     assert list(TASK_TERMS) == ["task_id", "progress", "waypoint", "grounding"]
+    assert tuple(TASK_TERMS) == TASK_TERM_NAMES  # what loss.task_terms accepts at config load
     assert {t.labels for t in TASK_TERMS.values()} <= set(K.INPUT_KEYS)
     assert {t.output for t in TASK_TERMS.values()} == HEADS | {K.OUT_HEATMAP}
     assert isinstance(_policy(8), TermCapabilities) and not isinstance(object(), TermCapabilities)

@@ -268,6 +268,9 @@ class EnvConfig:
 # the policy's top-level modules, as model.freeze and train.module_lr name them
 POLICY_MODULES = ("vision", "language", "projector", "heads")
 LORA_TARGETS = ("language", "projector", "vision")
+# the task terms loss.task_terms may weight: vla_ft/task_terms.py has one TaskTerm per name (the
+# config sits below it, so the names are spelled here and a test pins the two together)
+TASK_TERM_NAMES = ("task_id", "progress", "waypoint", "grounding")
 
 
 @dataclass
@@ -495,10 +498,10 @@ class LossConfig:
             )
         for name, w in self.task_terms.items():
             _check(
-                name in ("task_id", "progress", "waypoint", "grounding"),
+                name in TASK_TERM_NAMES,
                 "loss.task_terms",
                 name,
-                "use task terms from: task_id, progress, waypoint, grounding",
+                f"use task terms from: {', '.join(TASK_TERM_NAMES)}",
             )
             _check(w >= 0, f"loss.task_terms.{name}", w, "use a weight >= 0")
 
