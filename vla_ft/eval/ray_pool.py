@@ -68,7 +68,7 @@ def resolve_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def cpus_needed(eval_cfg: Any, n_slots: int) -> float:
+def actor_cpus(eval_cfg: Any, n_slots: int) -> float:
     """CPUs the actors of an evaluation with ``n_slots`` env slots reserve (one actor per worker)."""
     return max(1, min(int(eval_cfg.workers), n_slots)) * float(eval_cfg.ray_num_cpus)
 
@@ -78,13 +78,15 @@ def start_early(eval_cfg: Any) -> None:
 
     The first evaluation's :func:`connect` waits for the thread and raises what it raised (the same
     one-line errors as a connection made there). Does nothing when Ray is connected or a start is
-    under way. Ray's SIGTERM handler is not installed from a thread, so the caller's stays.
+    under way. From a thread ``ray.init`` sets no Python SIGTERM handler, but Ray's core still
+    installs its C-level one for the whole process; :func:`connect` puts the caller's handler back
+    once the start is done.
     """
     ray = import_ray()
     if ray.is_initialized() or _early["done"] is not None:
         return
     slots = max(1, min(int(eval_cfg.num_envs), int(eval_cfg.episodes)))  # as evaluate() deals them
-    args = (resolve_address(eval_cfg.ray_address), cpus_needed(eval_cfg, slots))
+    args = (resolve_address(eval_cfg.ray_address), actor_cpus(eval_cfg, slots))
 
     done = threading.Event()
     _early["done"] = done
