@@ -108,27 +108,10 @@ def main() -> None:
             "runs": ts,
         }
         rows.append(row)
-        cells = [f"{backend:>14}", f"{w:>14}"]
-        cells += [f"{v:>14.2f}" if v is not None else f"{'-':>14}" for v in list(row.values())[2:-1]]
-        print("  ".join(cells))
+        print(_cells(row, 14))
     same = all(outcomes[key] == outcomes[setups[0]] for key in setups)
     print(f"per-episode outcomes identical across worker counts and backends: {same}")
-    out = {
-        "policy": args.policy,
-        "cfg": args.cfg,
-        "overrides": args.overrides,
-        "episodes": args.episodes,
-        "num_envs": args.num_envs,
-        "repeats": args.repeats,
-        "backends": backends,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.platform(),
-        "outcomes_identical": same,
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    _write(args, rows, same, backends=backends)
 
 
 def cold(args: argparse.Namespace, backends: list[str], counts: list[int]) -> None:
@@ -176,15 +159,24 @@ def cold(args: argparse.Namespace, backends: list[str], counts: list[int]) -> No
             "runs": ts,
         }
         rows.append(row)
-        cells = [f"{backend:>10}", f"{w:>10}"]
-        cells += [f"{v:>10.2f}" if v is not None else f"{'-':>10}" for v in list(row.values())[2:-1]]
-        print("  ".join(cells))
+        print(_cells(row, 10))
     same = all(outcomes[key] == outcomes[setups[0]] for key in setups)
     print(f"per-episode outcomes identical across backends: {same}")
+    _write(args, rows, same, mode="cold", ckpt=args.ckpt)
+
+
+def _cells(row: dict, width: int) -> str:
+    """One table line: backend and workers, then every number of ``row`` up to its ``runs``."""
+    cells = [f"{row['backend']:>{width}}", f"{row['workers']:>{width}}"]
+    cells += [f"{v:>{width}.2f}" if v is not None else f"{'-':>{width}}" for v in list(row.values())[2:-1]]
+    return "  ".join(cells)
+
+
+def _write(args: argparse.Namespace, rows: list[dict], same: bool, **fields) -> None:
+    """The bench's JSON at ``--out``: its settings, ``fields``, the machine and the rows."""
     out = {
-        "mode": "cold",
+        **fields,
         "policy": args.policy,
-        "ckpt": args.ckpt,
         "cfg": args.cfg,
         "overrides": args.overrides,
         "episodes": args.episodes,

@@ -23,6 +23,7 @@ from vla_ft.eval.env_check import EnvSpec
 from vla_ft.eval.env_match import check_spec, expected_from_policy, fallback_instruction
 from vla_ft.eval.policies import ExpertPolicy, RandomPolicy, check_policy, runs_in_worker
 from vla_ft.eval.pool import make_pool
+from vla_ft.eval.pool_base import slot_count
 from vla_ft.eval.report import build_manifest, log_wandb, write_reports
 from vla_ft.eval.rollout import Rollout, RolloutOutput
 from vla_ft.eval.scoring import EpisodeResult, aggregate
@@ -77,7 +78,7 @@ def _run_task(
     start = time.perf_counter()
     episodes = int(eval_cfg.episodes)
     max_steps = eval_cfg.max_steps if eval_cfg.max_steps is not None else env_cfg.max_steps
-    n_slots = min(int(eval_cfg.num_envs), episodes)
+    n_slots = slot_count(eval_cfg)
     kind = env_type(env_cfg)
     pool = make_pool(env_cfg, eval_cfg, max_steps, n_slots, options)
     try:

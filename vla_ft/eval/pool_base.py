@@ -8,6 +8,16 @@ from typing import Any
 STARTUP_TIMEOUT_S = 180.0  # imports + env construction on a loaded 2-core machine
 
 
+def slot_count(eval_cfg: Any) -> int:
+    """Concurrent episodes of an evaluation: ``eval.num_envs``, at most ``eval.episodes``."""
+    return min(int(eval_cfg.num_envs), int(eval_cfg.episodes))
+
+
+def worker_count(n_workers: int, n_slots: int) -> int:
+    """Workers a pool starts: ``n_workers``, at most one per slot, at least one."""
+    return max(1, min(n_workers, n_slots))
+
+
 class WorkerError(RuntimeError):
     """An exception raised inside a worker (its traceback is the message)."""
 
@@ -22,7 +32,7 @@ class BasePool:
     backend = "local"
 
     def __init__(self, n_slots: int, n_workers: int, timeout_s: float) -> None:
-        self.n_workers = max(1, min(n_workers, n_slots))
+        self.n_workers = worker_count(n_workers, n_slots)
         self.slots = {
             w: [s for s in range(n_slots) if s % self.n_workers == w] for w in range(self.n_workers)
         }

@@ -39,7 +39,7 @@ import threading
 from typing import Any
 
 from vla_ft.errors import ConfigError, EnvError
-from vla_ft.eval.pool_base import STARTUP_TIMEOUT_S, BasePool, WorkerError
+from vla_ft.eval.pool_base import STARTUP_TIMEOUT_S, BasePool, WorkerError, slot_count, worker_count
 from vla_ft.eval.worker import CRASH_ENV_VAR, HANG_ENV_VAR, EnvHost, error_reply
 
 INSTALL_HINT = "eval.backend=ray needs Ray, which is not installed: pip install -e '.[ray]'"
@@ -68,9 +68,9 @@ def resolve_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def actor_cpus(eval_cfg: Any, n_slots: int) -> float:
-    """CPUs the actors of an evaluation with ``n_slots`` env slots reserve (one actor per worker)."""
-    return max(1, min(int(eval_cfg.workers), n_slots)) * float(eval_cfg.ray_num_cpus)
+def actor_cpus(eval_cfg: Any) -> float:
+    """CPUs the actors of an evaluation reserve (one actor per worker, as the pool deals them)."""
+    return worker_count(int(eval_cfg.workers), slot_count(eval_cfg)) * float(eval_cfg.ray_num_cpus)
 
 
 def start_early(eval_cfg: Any) -> None:
@@ -85,8 +85,7 @@ def start_early(eval_cfg: Any) -> None:
     ray = import_ray()
     if ray.is_initialized() or _early["done"] is not None:
         return
-    slots = max(1, min(int(eval_cfg.num_envs), int(eval_cfg.episodes)))  # as evaluate() deals them
-    args = (resolve_address(eval_cfg.ray_address), actor_cpus(eval_cfg, slots))
+    args = (resolve_address(eval_cfg.ray_address), actor_cpus(eval_cfg))
 
     done = threading.Event()
     _early["done"] = done
