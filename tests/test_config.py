@@ -54,6 +54,26 @@ def test_child_overrides_nested_base_keys_without_dropping_siblings(tmp_path):
     assert (cfg.data.chunk, cfg.data.history) == (3, 2)
 
 
+def test_a_mapping_value_replaces_the_inherited_one_while_sections_merge(tmp_path):
+    # base.yaml sets task terms and a vision learning-rate multiplier; `{}` clears them (it kept
+    # them when every mapping was merged), a partial mapping is the whole new value
+    (tmp_path / "a.yaml").write_text(
+        f"base: {CONFIG_DIR / 'base.yaml'}\nloss:\n  task_terms: {{}}\ntrain:\n  module_lr: {{}}\n  lr: 0.01\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "base: a.yaml\nloss:\n  task_terms: {progress: 2.0}\nmodel:\n  lora: {r: 4}\n"
+        "  extra: {keypoints: 8}\n"
+    )
+    a, b = load_config(tmp_path / "a.yaml"), load_config(tmp_path / "b.yaml")
+    base = load_config("base.yaml")
+    assert base.loss.task_terms and base.train.module_lr == {"vision": 3.0}
+    assert a.loss.task_terms == {} and a.train.module_lr == {} and a.train.lr == pytest.approx(0.01)
+    assert a.train.steps == base.train.steps  # the train section itself merged
+    assert b.loss.task_terms == {"progress": 2.0} and b.train.module_lr == {}
+    assert b.model.lora.r == 4 and b.model.lora.alpha == base.model.lora.alpha  # nested sections merge
+    assert b.model.extra.keypoints == 8
+
+
 def test_unknown_override_key_suggests_closest():
     with pytest.raises(ConfigError, match=r"train\.lrr.*train\.lr'"):
         load_config("pick_place.yaml", ["train.lrr=1"])

@@ -29,7 +29,9 @@ HEADER = """# Configuration reference
 
 A run config is YAML whose keys are the fields below; unknown keys, wrong types and values out of
 range are one error naming the key before anything runs. A config may start with `base: other.yaml`
-(merged underneath it, recursively), and any key can be overridden on the command line with dotted
+(merged underneath it, recursively: sections merge key by key, while a field's value, a mapping
+such as `loss.task_terms` too, replaces the inherited one, so `task_terms: {}` clears it), and any
+key can be overridden on the command line with dotted
 names: `python scripts/finetune.py --cfg pick_place.yaml train.lr=3e-4 eval.episodes=50`. The run
 directory keeps the resolved config as `config.yaml`. `configs/base.yaml` holds the defaults every
 shipped config starts from; where it differs from the dataclass default below, the YAML wins.

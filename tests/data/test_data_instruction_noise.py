@@ -33,7 +33,9 @@ def _texts(ds, tokenizer):
     return [tokenizer.decode(ds[i][INSTR_IDS], skip_special_tokens=True) for i in range(len(ds))]
 
 
-def test_training_samples_read_noisy_variants_validation_reads_the_instructions(tmp_path, write_h5, tokenizer):
+def test_training_samples_read_noisy_variants_validation_reads_the_instructions(
+    tmp_path, write_h5, tokenizer
+):
     path = write_h5(tmp_path / "a.hdf5", "ours", tasks=["blue"] * 5)  # every demo: TEXT
 
     def build(p, seed=0):

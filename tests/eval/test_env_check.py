@@ -282,7 +282,7 @@ def test_a_namespaced_gym_id_runs_in_the_workers_without_a_module_prefix():
     from vla_ft.eval import evaluate
 
     cfg = EnvConfig(
-        type="gym", gym_id="Meta-World/MT1", gym_kwargs={"env_name": "reach-v3"}, image_size=16,
+        type="gym", gym_id="Meta-World/MT1", gym_kwargs={"env_name": "reach-v3", "seed": 0}, image_size=16,
         image_map={"agentview_image": "camera:corner"}, state_map={"ee_pos": "obs[0:3]"},
         success_key="success",
     )  # fmt: skip

@@ -112,7 +112,7 @@ def test_suite_collect_plan_and_jobs():
         env_type(cfg.env).collect_plan(load_config("pick_place.yaml", ["collect.tasks=[pick_plaec]"]))
 
 
-def test_gym_type_builds_the_adapter_and_has_no_expert_or_collection():
+def test_gym_type_builds_the_adapter_and_has_no_expert_or_collection_outside_metaworld():
     kind = env_type(CARTPOLE)
     env = kind.make(CARTPOLE, 5, render=False)
     try:
@@ -120,13 +120,15 @@ def test_gym_type_builds_the_adapter_and_has_no_expert_or_collection():
         assert obs["state"].shape == (4,) and info["task"] == "CartPole-v1"
     finally:
         env.close()
-    assert kind.make_expert is None and kind.demo_attrs(env) == {}
-    with pytest.raises(
-        EnvError, match=r"^--policy expert needs a task of this suite; env.type=gym \(CartPole-v1\) has none$"
-    ):
+    assert kind.demo_attrs(env) == {} and env.target_uv() == {} and env.get_state().shape == (0,)
+    expected = (
+        r"^env.type=gym \(CartPole-v1\) has no scripted expert: collection and --policy expert run "
+        r"this suite's, robosuite's or Meta-World's .*record demos with your simulator's tools"
+    )
+    with pytest.raises(EnvError, match=expected):
         check_expert(CARTPOLE)
     cfg = load_config("pick_place.yaml", ["env.type=gym", "env.gym_id=CartPole-v1"])
-    with pytest.raises(DataError, match=r"env.type=gym has none: record demos with your simulator's tools"):
+    with pytest.raises(DataError, match=expected):
         kind.collect_plan(cfg)
 
 
@@ -148,7 +150,7 @@ def test_worker_runs_the_registrys_expert_and_refuses_one_for_gym():
         assert done is not None and done["success"], done
     finally:
         host.close()
-    with pytest.raises(EnvError, match=r"--policy expert needs a task of this suite; env.type=gym"):
+    with pytest.raises(EnvError, match=r"^env.type=gym \(CartPole-v1\) has no scripted expert"):
         EnvHost(CARTPOLE, 5, [0], {"expert": ExpertPolicy(), "history": 1})
 
 

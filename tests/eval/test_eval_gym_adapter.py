@@ -95,6 +95,6 @@ def test_evaluate_on_gym_env_is_reproducible_across_worker_counts(tmp_path):
     assert one.videos and all("reach_the_red_dot" in v for v in one.videos)
 
 
-def test_expert_needs_a_suite_task():
-    with pytest.raises(EnvError, match="needs a task of this suite"):
+def test_expert_needs_an_env_with_a_scripted_expert():
+    with pytest.raises(EnvError, match=r"has no scripted expert: collection and --policy expert run"):
         evaluate("expert", _cfg(), EvalConfig(episodes=1, workers=1))

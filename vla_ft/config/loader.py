@@ -1,6 +1,7 @@
 """Reading and writing run configs: YAML files with ``base:`` inheritance and dotted overrides.
 
-* ``load_config(path, overrides)`` reads a YAML file (``base: other.yaml`` inherits, deep-merged),
+* ``load_config(path, overrides)`` reads a YAML file (``base: other.yaml`` inherits: sections merge
+  key by key, a field's value, a mapping too, replaces the inherited one),
   applies dotted overrides (``train.lr=3e-5``) and builds a :class:`~vla_ft.config.schema.Config`.
 * Keys are strict: an unknown key is a :class:`ConfigError` naming it and the closest valid key.
 * Values are type-checked against the dataclass annotations (``int`` widens to ``float``, nothing
@@ -76,11 +77,17 @@ def resolve_config_path(name: str | Path) -> Path:
     )
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def _deep_merge(base: dict, over: dict, cls: type | None = Config) -> dict:
+    """``over`` on top of ``base``: sections (dataclass fields of ``cls``: ``train``, ``data.augment``,
+    ``model.lora``, ...) merge key by key; every other value, a mapping too (``loss.task_terms``,
+    ``train.module_lr``, ``env.gym_kwargs``), is replaced whole, so ``task_terms: {}`` clears the
+    inherited terms instead of keeping them."""
+    hints = typing.get_type_hints(cls) if cls is not None else {}
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+        section = hints.get(key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and dataclasses.is_dataclass(section):
+            out[key] = _deep_merge(out[key], value, section)
         else:
             out[key] = value
     return out

@@ -2,7 +2,7 @@
 ``ensure_data(cfg)``: a run's demos, collected first when missing and allowed.
 
 What is collected comes from the env type's record (vla_ft/sim/env_types.py): this suite's
-``collect.tasks``, or robosuite's one env. Episode ``i`` of task ``t`` resets with seed
+``collect.tasks``, or the one env of robosuite or of a Meta-World gym id. Episode ``i`` of task ``t`` resets with seed
 ``cfg.collect.seed + TASK_SEED_STRIDE * index(t) + i`` (``index`` in ``envs.list_tasks()``, so a
 task's seeds do not depend on the task list; robosuite: ``cfg.collect.seed + i``). Attempts run
 in a ``spawn`` process pool (forking after an EGL context exists hangs) in seed order; the first
@@ -102,7 +102,8 @@ def run_episode(job: EpisodeJob) -> dict[str, Any]:
         obs, reward, terminated, truncated, info = env.step(action)
         actions.append(action)
         rewards.append(reward)
-        if outcome is None and (terminated or truncated):
+        # a success ends the episode as in evaluation, also where the env keeps going (Meta-World)
+        if outcome is None and (terminated or truncated or info["is_success"]):
             outcome = info
         if outcome is not None:  # past a success the env keeps stepping: record `post` more steps
             done = not outcome["is_success"] or extra == post or info["physics_error"]
@@ -260,6 +261,8 @@ def run_collect(cfg: Config) -> Path:
         tasks = [task.env.task for task in plan.tasks]
         problem = {"language_instruction": "", "tasks": tasks, "language_instructions": []}
         writer = DemoWriter(out, plan.env_args, problem)
+        if plan.obs_keys is not None:
+            writer.set_obs_keys(plan.obs_keys)
         instructions: list[str] = []
         with writer:
             for task in plan.tasks:

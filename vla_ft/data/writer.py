@@ -126,6 +126,11 @@ class DemoWriter:
             raise DataError("problem_info needs a 'language_instruction' entry (robomimic/LIBERO layout)")
         self._data.attrs["problem_info"] = json.dumps(problem_info)
 
+    def set_obs_keys(self, obs_keys: dict[str, list[str]]) -> None:
+        """Name the file's default observation keys (``data.attrs["obs_keys"]``: JSON
+        ``{"image": [...], "state": [...]}``), read when ``data.image_keys`` / ``state_keys`` are null."""
+        self._data.attrs["obs_keys"] = json.dumps(obs_keys)
+
     def close(self, valid_fraction: float = 0.1, seed: int = 0) -> Path:
         """Write ``mask/train`` and ``mask/valid`` (split by demo, seeded), rename to the final path."""
         n_valid = int(round(valid_fraction * len(self.names))) if len(self.names) > 1 else 0

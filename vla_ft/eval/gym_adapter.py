@@ -17,6 +17,18 @@ unless ``gym_kwargs`` says otherwise); ``camera:<name>`` renders a named MuJoCo 
 ``env.unwrapped.model``/``data`` with this adapter's own renderer, with shadows, reflections, skybox
 and multisampling off (MetaWorld at 32 px: 360 ms -> 25 ms per frame on a 2-core CPU with EGL); anything else is a key of a dict
 observation. Images are resized (bilinear) to ``env.image_size`` when their size differs.
+
+Seeding: ``reset(seed=s)`` gives the same episode whatever ran before it. Meta-World's envs ignore
+``reset``'s seed (they are seeded by their own ``seed()`` method) and its task-select wrapper draws
+the episode's layout (one of MT1's 50 tasks) from the env's generator before resetting, so a plain
+``reset(seed=s)`` gave an unseeded layout. For envs with such a wrapper (found by its
+``sample_tasks_on_reset`` attribute) and a ``seed()`` method the adapter calls ``seed(s)`` first.
+Which layouts there are (MT1: 50 per task) is drawn when the env is made, from
+``gym_kwargs.seed``; without it every process would draw its own, so the adapter requires it.
+
+Collection (vla_ft/data/collect.py) also reads :meth:`GymAdapter.get_state` (the MuJoCo state,
+robomimic's ``states``) and :attr:`GymAdapter.raw_obs` (the env's own observation, what a scripted
+policy such as Meta-World's reads; vla_ft/sim/metaworld_experts.py).
 """
 
 from __future__ import annotations
@@ -79,8 +91,20 @@ class GymAdapter(gym.Env):
         self.task = str(kwargs.get("env_name", env_cfg.gym_id))
         self.instruction = env_cfg.instruction or self.task
         self.action_space = self.env.action_space
+        # the episode limit in force (evaluation reports it): ours, else the id's registered one
+        spec = getattr(self.env, "spec", None)
+        self.max_steps: int | None = max_steps or getattr(spec, "max_episode_steps", None)
         self._renderers: dict[str, Any] = {}
-        obs, _ = self.env.reset(seed=0)  # probe: check the key mapping before any rollout
+        self._seed_first = _samples_before_seeding(self.env)
+        if self._seed_first and env_cfg.gym_kwargs.get("seed") is None:
+            self.env.close()
+            raise EnvError(
+                f"env.gym_kwargs.seed is not set: {env_cfg.gym_id} then draws its task layouts at random "
+                "in every process, so no episode can be reproduced; set it (e.g. env.gym_kwargs.seed=0; "
+                "another seed gives layouts the demos never saw)"
+            )
+        self.raw_obs: Any = None
+        obs, _ = self.reset_raw(seed=0)  # probe: check the key mapping before any rollout
         self.observation_space = gym.spaces.Dict({k: _box(v) for k, v in self._convert(obs).items()})
 
     # ------------------------------------------------------------------ observations
@@ -161,16 +185,52 @@ class GymAdapter(gym.Env):
 
     # ------------------------------------------------------------------ gymnasium API
 
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset_raw(self, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
+        """Reset the wrapped env (seeded through its ``seed()`` where its reset ignores the seed); its
+        own observation and info."""
+        if seed is not None and self._seed_first:
+            self.env.unwrapped.seed(seed)  # Meta-World: reset ignores its seed
+            seed = None
         obs, info = self.env.reset(seed=seed, options=options)
+        self.raw_obs = obs
+        return obs, info
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.reset_raw(seed=seed, options=options)
         return self._convert(obs), self._info(info)
 
     def step(self, action: np.ndarray):
         obs, reward, terminated, truncated, info = self.env.step(action)
+        self.raw_obs = obs
         return self._convert(obs), float(reward), bool(terminated), bool(truncated), self._info(info)
+
+    def get_state(self) -> np.ndarray:
+        """The flattened MuJoCo state ``[time, qpos, qvel]`` (robomimic's ``states``); empty for an
+        env without MuJoCo data."""
+        data = getattr(self.env.unwrapped, "data", None)
+        if data is None or not hasattr(data, "qpos"):
+            return np.zeros(0, dtype=np.float64)
+        return np.concatenate([[data.time], data.qpos, data.qvel]).astype(np.float64)
+
+    def target_uv(self) -> dict[str, np.ndarray]:
+        """No projected object positions (the ``grounding`` term's labels) from a generic env."""
+        return {}
 
     def close(self) -> None:
         for renderer in self._renderers.values():
             renderer.close()
         self._renderers.clear()
         self.env.close()
+
+
+def _samples_before_seeding(env: gym.Env) -> bool:
+    """Whether ``env`` is seeded by its ``seed()`` method, not by ``reset(seed=...)``, and a wrapper
+    samples the episode from that generator on reset (Meta-World's ``RandomTaskSelectWrapper`` /
+    ``PseudoRandomTaskSelectWrapper``)."""
+    if not callable(getattr(env.unwrapped, "seed", None)):
+        return False
+    while isinstance(env, gym.Wrapper):
+        if getattr(env, "sample_tasks_on_reset", False):
+            return True
+        env = env.env
+    return False

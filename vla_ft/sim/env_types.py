@@ -1,7 +1,8 @@
 """The env types ``env.type`` chooses from, one record each: how to build, check, name and collect.
 
 * ``vla_ft``: this repository's MuJoCo suite (``envs.make(task)``), its scripted experts, collection.
-* ``gym``: any gymnasium id through vla_ft/eval/gym_adapter.py; no expert, no collection.
+* ``gym``: any gymnasium id through vla_ft/eval/gym_adapter.py; Meta-World's scripted policies as
+  experts (vla_ft/sim/metaworld_experts.py) and collection for Meta-World tasks.
 * ``robosuite``: a robosuite env (vla_ft/sim/robosuite_env.py), our experts
   (vla_ft/sim/robosuite_experts.py), collection into the robomimic layout.
 
@@ -72,10 +73,12 @@ class CollectTask:
 
 @dataclass
 class CollectPlan:
-    """What a collection writes: the file's ``env_args`` and the tasks, in order."""
+    """What a collection writes: the file's ``env_args``, the tasks in order, and the observation
+    keys the file names as its defaults (``data.attrs["obs_keys"]``; None: the layout's own)."""
 
     env_args: dict[str, Any]
     tasks: list[CollectTask]
+    obs_keys: dict[str, list[str]] | None = None
 
 
 class EnvType:
@@ -119,6 +122,15 @@ class EnvType:
         """The setting that chose the env, for the start of a message (``env.task='reach'``)."""
         return f"env.type={self.name} ({self.config_name(env_cfg)})"
 
+    def expert_problem(self, env_cfg: Any) -> str | None:
+        """Why ``env_cfg`` has no scripted expert (one line), or None when it has one."""
+        if self.make_expert is None:
+            return (
+                f"--policy expert needs a task of this suite; env.type={self.name} "
+                f"({self.config_name(env_cfg)}) has none"
+            )
+        return None
+
     def demo_attrs(self, env: Any) -> dict[str, Any]:
         """Per-demo HDF5 attributes the env adds to a collected demo (none by default)."""
         return {}
@@ -130,8 +142,9 @@ class EnvType:
             DataError: this type cannot collect (it has no scripted expert).
         """
         raise DataError(
-            f"collection runs this suite's or robosuite's scripted experts; env.type={self.name} has "
-            "none: record demos with your simulator's tools and point data.paths at them"
+            f"collection runs this suite's, robosuite's or Meta-World's scripted experts; "
+            f"env.type={self.name} has none: record demos with your simulator's tools and point "
+            "data.paths at them"
         )
 
     def make_collect_env(self, spec: CollectEnv) -> Any:
@@ -284,8 +297,23 @@ def check_gym_id(gym_id: str) -> None:
     raise EnvError(f"env.gym_id={gym_id!r} could not be checked: {reason}")
 
 
+# the env section fields a gym collection worker rebuilds its adapter from (and the file records)
+_GYM_FIELDS = (
+    "gym_id",
+    "gym_kwargs",
+    "image_map",
+    "state_map",
+    "flip_images",
+    "instruction",
+    "success_key",
+    "image_size",
+)
+
+
 class GymType(EnvType):
-    """``env.type: gym``: any registered gymnasium id through the key-mapping adapter; no expert."""
+    """``env.type: gym``: any registered gymnasium id through the key-mapping adapter; Meta-World
+    tasks have their scripted policies as experts (vla_ft/sim/metaworld_experts.py), so they can be
+    collected and scored with ``--policy expert``."""
 
     name = "gym"
     keys = "env.gym_id / env.gym_kwargs / env.image_map / env.state_map"
@@ -306,6 +334,46 @@ class GymType(EnvType):
 
     def setting(self, env_cfg: Any) -> str:
         return f"env.gym_id={env_cfg.gym_id!r}"
+
+    @staticmethod
+    def make_expert(env: Any, noise: float = 0.0, seed: int | None = None) -> Any:
+        from vla_ft.sim.metaworld_experts import make_expert
+
+        return make_expert(env, noise=noise, seed=seed)
+
+    def expert_problem(self, env_cfg: Any) -> str | None:
+        from vla_ft.sim.metaworld_experts import expert_problem
+
+        return expert_problem(env_cfg)
+
+    def collect_plan(self, cfg: Any) -> CollectPlan:
+        """One task, the env the config describes, run by its scripted expert (Meta-World's policy
+        for ``env.gym_kwargs.env_name``); attempt ``i`` resets with seed ``collect.seed + i``. The
+        file's default observation keys are ``env.image_map``'s and ``env.state_map``'s, so the
+        dataset reads what evaluation feeds.
+
+        Raises:
+            DataError: the env has no scripted expert, or maps no camera.
+        """
+        problem = self.expert_problem(cfg.env)
+        if problem is not None:
+            raise DataError(problem)
+        if not cfg.env.image_map:
+            raise DataError(
+                f"env.image_map is empty: name the cameras to record, e.g. "
+                f"{{agentview_image: 'camera:corner'}} ({self.setting(cfg.env)})"
+            )
+        fields = {key: getattr(cfg.env, key) for key in _GYM_FIELDS}
+        task = str(fields["gym_kwargs"].get("env_name", cfg.env.gym_id))
+        env = CollectEnv(self.name, task, cfg.env.max_steps, cfg.env.image_size, env_args=json.dumps(fields))
+        args = {"type": self.name, "env_name": task, "env_kwargs": fields}
+        keys = {"image": list(cfg.env.image_map), "state": list(cfg.env.state_map)}
+        return CollectPlan(args, [CollectTask(env)], obs_keys=keys)
+
+    def make_collect_env(self, spec: CollectEnv) -> Any:
+        from vla_ft.config import EnvConfig
+
+        return self.make(EnvConfig(type="gym", **json.loads(spec.env_args)), max_steps=spec.max_steps)
 
 
 # ------------------------------------------------------------------------------------- robosuite
@@ -381,9 +449,6 @@ def check_expert(env_cfg: Any) -> None:
     Raises:
         EnvError: one line naming the env.
     """
-    kind = env_type(env_cfg)
-    if kind.make_expert is None:
-        raise EnvError(
-            f"--policy expert needs a task of this suite; env.type={kind.name} "
-            f"({kind.config_name(env_cfg)}) has none"
-        )
+    problem = env_type(env_cfg).expert_problem(env_cfg)
+    if problem is not None:
+        raise EnvError(problem)
