@@ -16,24 +16,30 @@ from vla_ft.data.reader import scan_file
 from vla_ft.errors import EnvError
 from vla_ft.eval import evaluate
 from vla_ft.eval.gym_adapter import GymAdapter
+from vla_ft.eval.worker import _episode_limit
 from vla_ft.sim.env_types import check_expert
 
 pytest.importorskip("metaworld")
 pytestmark = pytest.mark.sim
 
 
-def _cfg():
-    return EnvConfig(
+def _metaworld(env_name, instruction, **changes):
+    fields = dict(
         type="gym",
-        gym_id="metaworld:Meta-World/MT1",
-        gym_kwargs={"env_name": "reach-v3", "seed": 0},
+        gym_id="Meta-World/MT1",
+        gym_kwargs={"env_name": env_name, "seed": 0},
         image_size=32,
         image_map={"agentview_image": "camera:corner", "wrist_image": "camera:gripperPOV"},
         state_map={"ee_pos": "obs[0:3]", "gripper": "obs[3:4]"},
         flip_images=True,
-        instruction="reach the goal",
+        instruction=instruction,
         success_key="success",
     )
+    return EnvConfig(**{**fields, **changes})
+
+
+def _cfg():
+    return _metaworld("reach-v3", "reach the goal", gym_id="metaworld:Meta-World/MT1")
 
 
 def test_metaworld_observations_and_success_flag():
@@ -61,18 +67,7 @@ def test_metaworld_evaluation_is_reproducible_across_worker_counts():
 
 
 def _pick_place(**changes):
-    fields = dict(
-        type="gym",
-        gym_id="Meta-World/MT1",
-        gym_kwargs={"env_name": "pick-place-v3", "seed": 0},
-        image_size=32,
-        image_map={"agentview_image": "camera:corner", "wrist_image": "camera:gripperPOV"},
-        state_map={"ee_pos": "obs[0:3]", "gripper": "obs[3:4]"},
-        flip_images=True,
-        instruction="pick up the puck and place it at the goal",
-        success_key="success",
-    )
-    return EnvConfig(**{**fields, **changes})
+    return _metaworld("pick-place-v3", "pick up the puck and place it at the goal", **changes)
 
 
 def test_reset_seed_gives_the_same_layout_whatever_ran_before():
@@ -81,7 +76,9 @@ def test_reset_seed_gives_the_same_layout_whatever_ran_before():
     # made with the same gym_kwargs.seed hold the same 50 layouts
     env, fresh = GymAdapter(_pick_place(), render=False), GymAdapter(_pick_place(), render=False)
     try:
-        assert env.max_steps == 500  # MT1's registered limit, what evaluation reports (was 10,000)
+        assert (
+            _episode_limit(env, None) == 500
+        )  # MT1's registered limit, what evaluation reports (was 10,000)
         env.reset(seed=7)
         env.reset(seed=11)
         again = env.raw_obs.copy()

@@ -798,11 +798,9 @@ def convert_to_hdf5(
                 attrs,
             )
             scan.frames.forget()  # written: free the decoded frames
+        w.set_obs_keys({"image": list(scan.image_keys), "state": list(scan.state_keys)})
         path_out = w.close(valid_fraction=valid_fraction if not scan.masks else 0.0, seed=seed)
     with h5py.File(path_out, "a") as h5:
-        h5["data"].attrs["obs_keys"] = json.dumps(
-            {"image": list(scan.image_keys), "state": list(scan.state_keys)}
-        )
         if scan.masks:  # the dataset's own split, by the converted demo names
             names = {d.name: f"demo_{i}" for i, d in enumerate(scan.demos)}
             for key in ("train", "valid"):

@@ -91,12 +91,12 @@ class GymAdapter(gym.Env):
         self.task = str(kwargs.get("env_name", env_cfg.gym_id))
         self.instruction = env_cfg.instruction or self.task
         self.action_space = self.env.action_space
-        # the episode limit in force (evaluation reports it): ours, else the id's registered one
-        spec = getattr(self.env, "spec", None)
-        self.max_steps: int | None = max_steps or getattr(spec, "max_episode_steps", None)
+        # the wrapped id's spec: its max_episode_steps (ours, else the registered limit) is the
+        # episode limit evaluation enforces and reports (vla_ft/eval/worker.py)
+        self.spec = self.env.spec
         self._renderers: dict[str, Any] = {}
-        self._seed_first = _samples_before_seeding(self.env)
-        if self._seed_first and env_cfg.gym_kwargs.get("seed") is None:
+        self._seeds_by_method = _seeded_by_method(self.env)
+        if self._seeds_by_method and env_cfg.gym_kwargs.get("seed") is None:
             self.env.close()
             raise EnvError(
                 f"env.gym_kwargs.seed is not set: {env_cfg.gym_id} then draws its task layouts at random "
@@ -188,7 +188,7 @@ class GymAdapter(gym.Env):
     def reset_raw(self, seed: int | None = None, options: dict | None = None) -> tuple[Any, dict]:
         """Reset the wrapped env (seeded through its ``seed()`` where its reset ignores the seed); its
         own observation and info."""
-        if seed is not None and self._seed_first:
+        if seed is not None and self._seeds_by_method:
             self.env.unwrapped.seed(seed)  # Meta-World: reset ignores its seed
             seed = None
         obs, info = self.env.reset(seed=seed, options=options)
@@ -223,7 +223,7 @@ class GymAdapter(gym.Env):
         self.env.close()
 
 
-def _samples_before_seeding(env: gym.Env) -> bool:
+def _seeded_by_method(env: gym.Env) -> bool:
     """Whether ``env`` is seeded by its ``seed()`` method, not by ``reset(seed=...)``, and a wrapper
     samples the episode from that generator on reset (Meta-World's ``RandomTaskSelectWrapper`` /
     ``PseudoRandomTaskSelectWrapper``)."""
