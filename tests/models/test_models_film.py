@@ -293,3 +293,71 @@ def test_tiny_policy_outputs_heatmaps_of_the_current_frame():
         newer[C.IMAGES] = batch[C.IMAGES].clone()
         newer[C.IMAGES][:, 1] = 255 - newer[C.IMAGES][:, 1]
         assert not torch.allclose(policy(newer)[C.OUT_HEATMAP], base)
+
+
+def _cond(policy, texts):
+    tok = policy.tokenizer(texts, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        return policy.backbone.encode_text(tok["input_ids"], tok["attention_mask"])
+
+
+def test_film_window_makes_the_conditioning_a_sum_of_local_phrases():
+    policy = _policy({**FILM, "film_window": 4}).eval()
+    # color words of one length, so every instruction has as many tokens (the code is their mean)
+    colors = ("blue", "pink")
+    cond = {(c, b): _cond(policy, [f"put the {c} cube in the {b} bowl"]) for c in colors for b in colors}
+    # 2 layers x 4-token windows reach 7 bytes back: the two colors never meet, so the code of a
+    # (cube, bowl) pairing is that of the other three pairings combined, exactly
+    combined = cond["blue", "pink"] + cond["pink", "blue"] - cond["pink", "pink"]
+    torch.testing.assert_close(cond["blue", "blue"], combined, atol=1e-5, rtol=1e-4)
+    # with the whole instruction in view (the default) the bowl's phrase also reads the cube's color
+    full = _policy(FILM).eval()
+    f = {(c, b): _cond(full, [f"put the {c} cube in the {b} bowl"]) for c in colors for b in colors}
+    assert (
+        f["blue", "blue"] - (f["blue", "pink"] + f["pink", "blue"] - f["pink", "pink"])
+    ).abs().max() > 1e-3
+
+
+def test_a_film_window_wider_than_the_instruction_is_full_attention():
+    texts = ["put the red cube in the green bowl", "place the blue cube into the yellow bowl now"]
+    full, wide = _policy(FILM).eval(), _policy({**FILM, "film_window": 512}).eval()
+    wide.load_state_dict(full.state_dict())
+    torch.testing.assert_close(_cond(wide, texts), _cond(full, texts))
+    # padding (the shorter text is right-padded) changes nothing under a window either
+    windowed = _policy({**FILM, "film_window": 6}).eval()
+    torch.testing.assert_close(_cond(windowed, texts)[:1], _cond(windowed, texts[:1]), atol=1e-5, rtol=1e-4)
+
+
+def test_film_window_is_saved_with_the_checkpoint(tmp_path):
+    policy = _policy({**FILM, "film_window": 6}).eval()
+    policy.save_pretrained(tmp_path / "ckpt")
+    loaded = VLAPolicy.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.arch["film_window"] == 6 and loaded.backbone.film_window == 6
+    batch = make_batch(make_info())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)[C.OUT_ACTION], policy(batch)[C.OUT_ACTION])
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [({**FILM, "film_window": -1}, "film_window=-1"), ({"film": False, "film_window": 6}, "film=true")],
+)
+def test_bad_film_window_is_a_config_error(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        _policy(extra)
+
+
+def test_readout_knobs_apply_to_a_loaded_checkpoint_and_tensor_knobs_must_match(tmp_path):
+    _policy(FILM).eval().save_pretrained(tmp_path / "base")
+    base = str(tmp_path / "base")
+    # fine-tuning a checkpoint with a FiLM window / local keypoint readout: the config's value holds
+    # (it was silently the checkpoint's before), and the next checkpoint keeps it
+    tuned = load_vla(
+        ModelConfig(pretrained=base, extra={"film_window": 6, "keypoint_window": 1}), make_info()
+    )
+    assert tuned.backbone.film_window == 6 and tuned.backbone.vision.keypoints.window == 1
+    assert load_vla(ModelConfig(pretrained=base), make_info()).backbone.film_window == 0
+    # a knob that shapes tensors comes from the checkpoint: the same value is fine, another is an error
+    load_vla(ModelConfig(pretrained=base, extra={"keypoints": 8}), make_info())
+    with pytest.raises(ConfigError, match=r"model.extra.keypoints=4: the checkpoint .* keypoints=8"):
+        load_vla(ModelConfig(pretrained=base, extra={"keypoints": 4}), make_info())

@@ -331,6 +331,7 @@ MODEL_EXTRA_KNOBS: dict[str, tuple[str, ...]] = {
         "film",
         "keypoint_tokens",
         "keypoint_window",
+        "film_window",
     ),
     "vlm": (),
     "cnn": (
@@ -367,6 +368,9 @@ class ModelExtra:
     keypoint_tokens: bool | None = None  # native: one token per keypoint, not one for all
     # native: read each keypoint within this many cells of its heat map's peak (0: the whole map)
     keypoint_window: int | None = None
+    # native: FiLM reads the instruction with each token attending to the previous film_window
+    # tokens only (0: the whole instruction)
+    film_window: int | None = None
     channels: list[int] | None = None  # cnn: conv widths, one per layer
     strides: list[int] | None = None  # cnn: conv strides, one per layer
     keypoint_features: int | None = None  # cnn: features the keypoints are mapped to

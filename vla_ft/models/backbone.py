@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vla_ft.constants import MODULE_LANGUAGE, MODULE_PROJECTOR, MODULE_VISION
+from vla_ft.errors import ConfigError
 from vla_ft.models.language import LanguageBackbone
 from vla_ft.models.vision import TimmVisionEncoder
 
@@ -77,6 +78,9 @@ class NativeBackbone(nn.Module):
             hidden state over the instruction tokens).
         keypoint_tokens: one token per keypoint (position + feature under it) instead of one in all.
         keypoint_window: local soft-argmax radius in cells around each heat map's peak (0: global).
+        film_window: the FiLM conditioning reads the instruction with each token attending to itself
+            and the ``film_window - 1`` tokens before it, in every layer (0: the whole instruction;
+            see ``encode_text``).
     """
 
     def __init__(
@@ -92,8 +96,19 @@ class NativeBackbone(nn.Module):
         film: bool = False,
         keypoint_tokens: bool = False,
         keypoint_window: int = 0,
+        film_window: int = 0,
     ) -> None:
         super().__init__()
+        if film_window < 0:
+            raise ConfigError(
+                f"model.extra.film_window={film_window}: must be >= 0 (0: the whole instruction)"
+            )
+        if film_window and not film:
+            raise ConfigError(
+                f"model.extra.film_window={film_window} shapes the FiLM conditioning, and this model has no "
+                "FiLM: set model.extra.film=true, or leave film_window unset"
+            )
+        self.film_window = int(film_window)
         self.language = LanguageBackbone(language, trust_remote_code)
         d = self.language.hidden_size
         self.vision = TimmVisionEncoder(
@@ -129,8 +144,16 @@ class NativeBackbone(nn.Module):
         return (tokens, heat) if heatmaps else tokens
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Instruction alone through the language model -> (B, D) mean over its real tokens."""
-        hidden = self.language(self.embed_tokens(ids), mask)  # (B, L, D)
+        """Instruction alone through the language model -> (B, D) mean over its real tokens.
+
+        With ``film_window`` each token attends only to the ``film_window`` tokens ending at it, in
+        every layer, so the mean is a sum of local phrase codes: "the yellow cube" and "the red
+        bowl" are encoded apart and add up, and a color is bound to the noun next to it rather than
+        to the whole sentence. With full attention the code of the bowl's phrase also depends on the
+        cube's color, and a (cube, bowl) pairing never seen in training gets a code the CNN was never
+        trained on (docs/models.md).
+        """
+        hidden = self.language(self.embed_tokens(ids), mask, window=self.film_window)  # (B, L, D)
         weights = mask.to(hidden.dtype)[..., None]
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 

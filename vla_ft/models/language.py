@@ -88,10 +88,15 @@ class LanguageBackbone(nn.Module):
         """(B, L) int64 -> (B, L, D)."""
         return self.model.get_input_embeddings()(ids)
 
-    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) embeddings + (B, N) attention mask -> (B, N, D) final hidden states."""
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, window: int = 0) -> torch.Tensor:
+        """(B, N, D) embeddings + (B, N) attention mask -> (B, N, D) final hidden states.
+
+        ``window > 0``: each token attends only to the real tokens among itself and the
+        ``window - 1`` positions before it (a causal sliding window, :func:`window_mask`).
+        """
+        attn: torch.Tensor = mask if window <= 0 else window_mask(mask, window)
         out = self.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=packed_positions(mask), use_cache=False
+            inputs_embeds=embeds, attention_mask=attn, position_ids=packed_positions(mask), use_cache=False
         )
         return out.last_hidden_state
 
@@ -101,6 +106,20 @@ class LanguageBackbone(nn.Module):
     def layer_ids(self) -> tuple[dict[str, int], int]:
         """Embeddings depth 0, block i depth i+1, final norm depth num_blocks+1."""
         return transformer_depths(self.model, self.num_blocks)
+
+
+def window_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, N) padding mask -> (B, 1, N, N) boolean attention mask (True: attend) of a causal
+    sliding window: query i sees key j when ``i - window < j <= i`` and j is a real token. Every
+    query also sees itself, so a padding row is never empty (softmax over nothing is NaN); padding
+    outputs are ignored by their callers. transformers uses a 4D mask as given."""
+    n = mask.shape[1]
+    idx = torch.arange(n, device=mask.device)
+    offset = idx[:, None] - idx[None, :]  # (N, N) query minus key
+    band = (offset >= 0) & (offset < window)
+    keep = band[None] & mask.bool()[:, None, :]  # (B, N, N)
+    keep = keep | torch.eye(n, dtype=torch.bool, device=mask.device)[None]
+    return keep[:, None]
 
 
 def packed_positions(mask: torch.Tensor) -> torch.Tensor:

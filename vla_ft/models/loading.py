@@ -8,7 +8,8 @@ transformers config dicts so no source model is needed to rebuild), ``model.safe
 ``normalization.json`` (when a normalizer is installed) and the tokenizer files. No pickle.
 
 When a checkpoint is loaded with a ``model_cfg``, backbone fields (``ARCH_FIELDS``) come from the
-checkpoint and everything else (head type and bins, dropout, inference options, freeze, bounds) from
+checkpoint, ``model.extra``'s readout knobs (``READOUT_KNOBS``) from ``model_cfg`` (the other knobs
+must match the checkpoint's) and everything else (head type and bins, dropout, inference options, freeze, bounds) from
 ``model_cfg``. With ``info`` given, a different action dimension (another robot), task count, chunk
 length, camera/history count, state size or action-head shape re-initializes the affected tensors
 with a logged warning (the head adapts to the new task).
@@ -108,6 +109,7 @@ def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
         "film": knob(knobs.film, preset.film),
         "keypoint_tokens": knob(knobs.keypoint_tokens, preset.keypoint_tokens),
         "keypoint_window": knob(knobs.keypoint_window, preset.keypoint_window),
+        "film_window": knob(knobs.film_window, preset.film_window),
         "language": language,
     }
 
@@ -128,6 +130,7 @@ def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: s
         bool(arch.get("film", False)),
         bool(arch.get("keypoint_tokens", False)),
         int(arch.get("keypoint_window", 0)),
+        int(arch.get("film_window", 0)),
     )
 
 
@@ -331,9 +334,11 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
     meta = _read_meta(path)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     saved_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    arch = meta["arch"]  # as saved: what the checkpoint was trained with
     if cfg is None:
         cfg = saved_cfg
     else:
+        arch = _with_readout_knobs(arch, cfg, path)
         cfg = dataclasses.replace(
             cfg, **{k: getattr(saved_cfg, k) for k in ARCH_FIELDS}, pretrained=str(path)
         )
@@ -348,7 +353,7 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
             saved_dims.action_dim,
             dims.action_dim,
         )
-    policy = build_policy(cfg, dims, arch=meta["arch"])
+    policy = build_policy(cfg, dims, arch=arch)
     # another action head type than the checkpoint's (e.g. flow on a continuous base): the head's
     # new tensors keep their init, the ones it shares with the saved head (its MLP trunk) load
     fresh = ("action_head.",) if cfg.action_head != saved_cfg.action_head else ()
@@ -368,6 +373,35 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
     if info is not None and getattr(info, "normalizer", None) is not None:
         policy.set_normalizer(info.normalizer)
     return policy
+
+
+# native knobs that change how tensors are used, not which tensors exist: a config may set them
+# on a checkpoint (e.g. fine-tune the shipped base with a FiLM window); the rest come from it
+READOUT_KNOBS = ("keypoint_window", "film_window")
+
+
+def _with_readout_knobs(arch: dict[str, Any], cfg: ModelConfig, path: Path) -> dict[str, Any]:
+    """The checkpoint's architecture with the config's readout knobs (``READOUT_KNOBS``) applied.
+
+    Raises:
+        ConfigError: the config sets a knob that shapes tensors to another value than the
+            checkpoint's (it would be silently ignored otherwise).
+    """
+    set_knobs = cfg.extra.to_dict()
+    if arch.get("kind") != "native":
+        return arch
+    arch = dict(arch)
+    for key, value in set_knobs.items():
+        if key in READOUT_KNOBS:
+            arch[key] = value
+        elif key in MODEL_EXTRA_KNOBS["native"] and key in arch and arch[key] != value:
+            raise ConfigError(
+                f"model.extra.{key}={value!r}: the checkpoint {path} was built with {key}={arch[key]!r}, "
+                f"and this knob shapes its tensors, so it comes from the checkpoint; remove it from "
+                f"model.extra (only {', '.join(READOUT_KNOBS)} can change on a checkpoint), or set "
+                f"model.pretrained=null to build model.preset from scratch"
+            )
+    return arch
 
 
 def _hub_snapshot(repo_id: str) -> Path:

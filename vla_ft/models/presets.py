@@ -38,6 +38,8 @@ class Preset:
         keypoint_tokens: one token per keypoint (its x, y and the feature under it), not one for all.
         keypoint_window: read each keypoint within this many cells of its heat map's peak (0: the
             whole map, a global soft-argmax).
+        film_window: FiLM reads the instruction through a causal attention window of this many
+            tokens in every language layer (0: each token sees the whole instruction before it).
         description: one line for listings.
     """
 
@@ -54,6 +56,7 @@ class Preset:
     film: bool = False
     keypoint_tokens: bool = False
     keypoint_window: int = 0
+    film_window: int = 0
     description: str = ""
 
 

@@ -68,10 +68,10 @@ class SpatialSoftmax(nn.Module):
     With ``window > 0`` the keypoint is read locally: the softmax is restricted to the
     ``(2 * window + 1)^2`` cells around the heat map's peak (a local soft-argmax). The global
     expectation of a diffuse heat map is pulled toward the image centre and toward every other
-    bright spot (another cube of the named color), most near the image edge. Fine-tuning the shipped
-    base with a window did not raise success, so presets keep 0 (see
-    docs/experiments/2026-11-tiny-vision-pathway.md). The heat-map logits returned (and supervised by
-    the ``grounding`` loss) are the full map either way.
+    bright spot (another cube of the named color), most near the image edge. Presets keep 0; the
+    window is unmeasured from the shipped base (docs/experiments/2026-11-tiny-vision-pathway.md).
+    The heat-map logits returned (and supervised by the ``grounding`` loss) are the full map either
+    way.
     """
 
     def __init__(
