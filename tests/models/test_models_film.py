@@ -361,3 +361,11 @@ def test_readout_knobs_apply_to_a_loaded_checkpoint_and_tensor_knobs_must_match(
     load_vla(ModelConfig(pretrained=base, extra={"keypoints": 8}), make_info())
     with pytest.raises(ConfigError, match=r"model.extra.keypoints=4: the checkpoint .* keypoints=8"):
         load_vla(ModelConfig(pretrained=base, extra={"keypoints": 4}), make_info())
+
+
+def test_a_bc_cnn_checkpoint_refuses_another_architecture_knob(tmp_path):
+    torch.manual_seed(0)
+    load_vla(ModelConfig(preset="bc-cnn"), make_info()).eval().save_pretrained(tmp_path / "cnn")
+    cfg = ModelConfig(pretrained=str(tmp_path / "cnn"), extra={"keypoints": 4})
+    with pytest.raises(ConfigError, match=r"model.extra.keypoints=4: the checkpoint .* keypoints=32"):
+        load_vla(cfg, make_info())

@@ -148,10 +148,9 @@ class NativeBackbone(nn.Module):
 
         With ``film_window`` each token attends only to the ``film_window`` tokens ending at it, in
         every layer, so the mean is a sum of local phrase codes: "the yellow cube" and "the red
-        bowl" are encoded apart and add up, and a color is bound to the noun next to it rather than
-        to the whole sentence. With full attention the code of the bowl's phrase also depends on the
-        cube's color, and a (cube, bowl) pairing never seen in training gets a code the CNN was never
-        trained on (docs/models.md).
+        bowl" are encoded apart and added, and a word never seen in training adds a small term of
+        its own instead of changing the code of the whole sentence. What that does to paraphrases
+        and to held-out color pairs: docs/models.md.
         """
         hidden = self.language(self.embed_tokens(ids), mask, window=self.film_window)  # (B, L, D)
         weights = mask.to(hidden.dtype)[..., None]

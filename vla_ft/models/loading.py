@@ -8,9 +8,9 @@ transformers config dicts so no source model is needed to rebuild), ``model.safe
 ``normalization.json`` (when a normalizer is installed) and the tokenizer files. No pickle.
 
 When a checkpoint is loaded with a ``model_cfg``, backbone fields (``ARCH_FIELDS``) come from the
-checkpoint, ``model.extra``'s readout knobs (``READOUT_KNOBS``) from ``model_cfg`` (the other knobs
-must match the checkpoint's) and everything else (head type and bins, dropout, inference options, freeze, bounds) from
-``model_cfg``. With ``info`` given, a different action dimension (another robot), task count, chunk
+checkpoint, ``model.extra``'s readout knobs (``READOUT_KNOBS``) from ``model_cfg`` (its other knobs
+must match the checkpoint's), and everything else (head type and bins, dropout, inference options,
+freeze, bounds) from ``model_cfg``. With ``info`` given, a different action dimension (another robot), task count, chunk
 length, camera/history count, state size or action-head shape re-initializes the affected tensors
 with a logged warning (the head adapts to the new task).
 """
@@ -381,20 +381,20 @@ READOUT_KNOBS = ("keypoint_window", "film_window")
 
 
 def _with_readout_knobs(arch: dict[str, Any], cfg: ModelConfig, path: Path) -> dict[str, Any]:
-    """The checkpoint's architecture with the config's readout knobs (``READOUT_KNOBS``) applied.
+    """The checkpoint's architecture with the config's readout knobs (``READOUT_KNOBS``, native
+    checkpoints) applied.
 
     Raises:
-        ConfigError: the config sets a knob that shapes tensors to another value than the
-            checkpoint's (it would be silently ignored otherwise).
+        ConfigError: the config sets another knob of the checkpoint's kind (native, cnn) to a value
+            other than the checkpoint's (it would be silently ignored otherwise).
     """
-    set_knobs = cfg.extra.to_dict()
-    if arch.get("kind") != "native":
-        return arch
+    kind = arch.get("kind")
+    readout = READOUT_KNOBS if kind == "native" else ()
     arch = dict(arch)
-    for key, value in set_knobs.items():
-        if key in READOUT_KNOBS:
+    for key, value in cfg.extra.to_dict().items():
+        if key in readout:
             arch[key] = value
-        elif key in MODEL_EXTRA_KNOBS["native"] and key in arch and arch[key] != value:
+        elif key in MODEL_EXTRA_KNOBS.get(kind, ()) and key in arch and arch[key] != value:
             raise ConfigError(
                 f"model.extra.{key}={value!r}: the checkpoint {path} was built with {key}={arch[key]!r}, "
                 f"and this knob shapes its tensors, so it comes from the checkpoint; remove it from "
