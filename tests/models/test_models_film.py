@@ -356,6 +356,9 @@ def test_readout_knobs_apply_to_a_loaded_checkpoint_and_tensor_knobs_must_match(
         ModelConfig(pretrained=base, extra={"film_window": 6, "keypoint_window": 1}), make_info()
     )
     assert tuned.backbone.film_window == 6 and tuned.backbone.vision.keypoints.window == 1
+    tuned.eval().save_pretrained(tmp_path / "tuned")
+    again = VLAPolicy.from_pretrained(tmp_path / "tuned")
+    assert again.backbone.film_window == 6 and again.backbone.vision.keypoints.window == 1
     assert load_vla(ModelConfig(pretrained=base), make_info()).backbone.film_window == 0
     # a knob that shapes tensors comes from the checkpoint: the same value is fine, another is an error
     load_vla(ModelConfig(pretrained=base, extra={"keypoints": 8}), make_info())
