@@ -76,9 +76,8 @@ def test_reset_seed_gives_the_same_layout_whatever_ran_before():
     # made with the same gym_kwargs.seed hold the same 50 layouts
     env, fresh = GymAdapter(_pick_place(), render=False), GymAdapter(_pick_place(), render=False)
     try:
-        assert (
-            _episode_limit(env, None) == 500
-        )  # MT1's registered limit, what evaluation reports (was 10,000)
+        # MT1's registered limit, what evaluation reports (was 10,000)
+        assert _episode_limit(env, None) == 500
         env.reset(seed=7)
         env.reset(seed=11)
         again = env.raw_obs.copy()

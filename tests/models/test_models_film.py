@@ -370,5 +370,5 @@ def test_a_bc_cnn_checkpoint_refuses_another_architecture_knob(tmp_path):
     torch.manual_seed(0)
     load_vla(ModelConfig(preset="bc-cnn"), make_info()).eval().save_pretrained(tmp_path / "cnn")
     cfg = ModelConfig(pretrained=str(tmp_path / "cnn"), extra={"keypoints": 4})
-    with pytest.raises(ConfigError, match=r"model.extra.keypoints=4: the checkpoint .* keypoints=32"):
+    with pytest.raises(ConfigError, match=r"model.extra.keypoints=4: .* keypoints=32.* cnn checkpoint: none"):
         load_vla(cfg, make_info())

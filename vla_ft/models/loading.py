@@ -10,9 +10,9 @@ transformers config dicts so no source model is needed to rebuild), ``model.safe
 When a checkpoint is loaded with a ``model_cfg``, backbone fields (``ARCH_FIELDS``) come from the
 checkpoint, ``model.extra``'s readout knobs (``READOUT_KNOBS``) from ``model_cfg`` (its other knobs
 must match the checkpoint's), and everything else (head type and bins, dropout, inference options,
-freeze, bounds) from ``model_cfg``. With ``info`` given, a different action dimension (another robot), task count, chunk
-length, camera/history count, state size or action-head shape re-initializes the affected tensors
-with a logged warning (the head adapts to the new task).
+freeze, bounds) from ``model_cfg``. With ``info`` given, a different action dimension (another
+robot), task count, chunk length, camera/history count, state size or action-head shape
+re-initializes the affected tensors with a logged warning (the head adapts to the new task).
 """
 
 from __future__ import annotations
@@ -395,10 +395,11 @@ def _with_readout_knobs(arch: dict[str, Any], cfg: ModelConfig, path: Path) -> d
         if key in readout:
             arch[key] = value
         elif key in MODEL_EXTRA_KNOBS.get(kind, ()) and key in arch and arch[key] != value:
+            changeable = ", ".join(readout) or "none"
             raise ConfigError(
                 f"model.extra.{key}={value!r}: the checkpoint {path} was built with {key}={arch[key]!r}, "
                 f"and this knob shapes its tensors, so it comes from the checkpoint; remove it from "
-                f"model.extra (only {', '.join(READOUT_KNOBS)} can change on a checkpoint), or set "
+                f"model.extra (knobs that can change on a {kind} checkpoint: {changeable}), or set "
                 f"model.pretrained=null to build model.preset from scratch"
             )
     return arch
