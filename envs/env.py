@@ -7,7 +7,8 @@ to the current tool-centre point, clipped to the workspace box; the gripper maps
 :class:`InvalidActionError`. Control runs at ``control_hz`` (default 20 Hz) with 2 ms physics steps.
 
 ``goals`` picks which goals are sampled (``all``; ``seen``: never one of the task's held-out
-combinations; ``held_out``: only those) and ``instructions`` which wordings (``train``: the templates
+combinations; ``held_out``: only those; ``seen_sets`` / ``held_out_sets``: the same for the split
+that holds color sets out in both orders) and ``instructions`` which wordings (``train``: the templates
 demos are collected with; ``paraphrase``: wordings never collected); envs/tasks.py lists both.
 
 Episodes end (``terminated``) on success or on a physics error (MuJoCo's bad-qpos/qvel/qacc
@@ -26,7 +27,7 @@ import numpy as np
 from envs.errors import EnvError, InvalidActionError
 from envs.rendering import MultiCameraRenderer, project
 from envs.scene import LAYOUT_DIM, WORKSPACE_HI, WORKSPACE_LO, Layout, Sim, sample_layout
-from envs.tasks import GOAL_DIM, GOAL_SETS, INSTRUCTION_SETS, TASKS, Goal, get_task
+from envs.tasks import GOAL_DIM, GOAL_SETS, GOAL_SPLITS, INSTRUCTION_SETS, TASKS, Goal, get_task
 
 # Written into every collected file (data.attrs["env_args"]). 0.2: the hand starts anywhere over the
 # table (envs/scene.py HAND_START_LO/HI); files of 0.1 start it near the centre (see
@@ -55,22 +56,24 @@ def check_goal_options(task: str, goals: str, instructions: str, prefix: str = "
         raise EnvError(
             f"{prefix}instructions={instructions!r} is invalid: use one of {', '.join(INSTRUCTION_SETS)}"
         )
-    if goals == "held_out" and not TASKS[task].held_out:
-        with_held_out = ", ".join(name for name, t in TASKS.items() if t.held_out)
+    split, held_out = GOAL_SPLITS.get(goals, ("", False))
+    if held_out and not TASKS[task].has_split(split):
+        with_held_out = ", ".join(name for name, t in TASKS.items() if t.has_split(split))
         raise EnvError(
-            f"{prefix}goals='held_out': task '{task}' has no held-out combinations (only {with_held_out} "
+            f"{prefix}goals={goals!r}: task '{task}' has no held-out combinations (only {with_held_out} "
             f"have); use {prefix}goals=all or seen"
         )
     return goals, instructions
 
 
-def is_held_out_state(task: str, state: np.ndarray) -> bool:
+def is_held_out_state(task: str, state: np.ndarray, split: str = "pairs") -> bool:
     """Whether a ``get_state()`` vector of ``task`` (e.g. a demo's ``states[0]``) holds one of the
-    task's held-out combinations; reads only the goal and the colors (no sim is built)."""
+    task's held-out combinations of ``split`` ("pairs" or "sets"); reads only the goal and the colors
+    (no sim is built)."""
     state = np.asarray(state, dtype=np.float64)
     goal = Goal.from_vector(state[:GOAL_DIM])
     layout = Layout.from_vector(state[GOAL_DIM : GOAL_DIM + LAYOUT_DIM])
-    return TASKS[task].is_held_out(layout, goal)
+    return TASKS[task].is_held_out(layout, goal, split)
 
 
 class TabletopEnv(gym.Env):
@@ -84,8 +87,9 @@ class TabletopEnv(gym.Env):
         render: render camera images into observations (False: proprio only, much faster).
         control_hz: control frequency; physics substeps = 1 / (control_hz * 0.002).
         action_scale: metres moved per unit of the xyz action per control step.
-        goals: ``all`` | ``seen`` (no held-out combination) | ``held_out`` (only those); tasks without
-            held-out combinations accept ``all`` and ``seen`` (the same goals).
+        goals: ``all`` | ``seen`` (no held-out combination) | ``held_out`` (only those) |
+            ``seen_sets`` / ``held_out_sets`` (the same for held-out color sets); tasks without
+            held-out combinations accept ``all``, ``seen`` and ``seen_sets`` (the same goals).
         instructions: ``train`` (the task's templates) | ``paraphrase`` (its paraphrases).
     """
 

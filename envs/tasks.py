@@ -55,7 +55,18 @@ PUSH_DIST = 0.08  # displacement needed for push success (m)
 HELD_Z = 0.045  # an object counts as held when a finger touches it and its centre is above this (m);
 # cubes and the cylinder rest with their centre at 0.025, so this is 2 cm off the table
 NEAR_DIST = 0.05  # reach's "near" event: the hand within 5 cm of the target (success needs 2.5 cm)
-GOAL_SETS = ("all", "seen", "held_out")  # the env's `goals` option
+# the env's `goals` option: every goal, or one side of a held-out split. The "pairs" split
+# (seen / held_out) holds out ordered (named, destination) color pairs whose reverse stays in the
+# demos; the "sets" split (seen_sets / held_out_sets) holds out color sets in both orders, so their
+# two colors are never named together in the demos.
+GOAL_SETS = ("all", "seen", "held_out", "seen_sets", "held_out_sets")
+# goal set -> (split, whether it is the split's held-out side)
+GOAL_SPLITS = {
+    "seen": ("pairs", False),
+    "held_out": ("pairs", True),
+    "seen_sets": ("sets", False),
+    "held_out_sets": ("sets", True),
+}
 INSTRUCTION_SETS = ("train", "paraphrase")  # the env's `instructions` option
 # Goal draws on one layout before the layout is redrawn (goals: seen / held_out). A pick_place or
 # stack layout always admits both kinds (at least 1 of 6 goals), so 100 misses are ~1e-8 likely.
@@ -67,6 +78,13 @@ def color_cycle(shift: int) -> frozenset[tuple[str, str]]:
     Latin-square diagonal, each color once in each role."""
     n = len(COLOR_NAMES)
     return frozenset((COLOR_NAMES[i], COLOR_NAMES[(i + shift) % n]) for i in range(n))
+
+
+def color_matching(*pairs: tuple[str, str]) -> frozenset[frozenset[str]]:
+    """Unordered color sets (a perfect matching of the colors: each color in exactly one set)."""
+    sets = frozenset(frozenset(p) for p in pairs)
+    assert sorted(c for s in sets for c in s) == sorted(COLOR_NAMES), "a matching names each color once"
+    return sets
 
 
 def held(sim: Sim, slot: str) -> bool:
@@ -107,6 +125,7 @@ class Task:
     templates: tuple[str, ...] = ()  # the wordings demos are collected with
     paraphrases: tuple[str, ...] = ()  # wordings never collected (evaluation with instructions=paraphrase)
     held_out: frozenset[tuple[str, str]] = frozenset()  # (named color, destination color) pairs
+    held_out_sets: frozenset[frozenset[str]] = frozenset()  # color sets held out in both orders
 
     @property
     def wordings(self) -> tuple[str, ...]:
@@ -150,15 +169,26 @@ class Task:
             return None
         return layout.color_of(goal.src_slot), layout.color_of(goal.dst_slot)
 
-    def is_held_out(self, layout: Layout, goal: Goal) -> bool:
-        """Whether the goal is one of the task's held-out combinations."""
-        return bool(self.held_out) and self.combination(layout, goal) in self.held_out
+    def has_split(self, split: str) -> bool:
+        """Whether the task holds anything out in ``split`` ("pairs" or "sets")."""
+        return bool(self.held_out_sets if split == "sets" else self.held_out)
+
+    def is_held_out(self, layout: Layout, goal: Goal, split: str = "pairs") -> bool:
+        """Whether the goal is one of the task's held-out combinations in ``split``: an ordered pair
+        of ``held_out`` ("pairs") or, in either order, a color set of ``held_out_sets`` ("sets")."""
+        combination = self.combination(layout, goal)
+        if combination is None:
+            return False
+        if split == "sets":
+            return frozenset(combination) in self.held_out_sets
+        return combination in self.held_out
 
     def in_goal_set(self, layout: Layout, goal: Goal, goals: str) -> bool:
-        """Whether ``goal`` belongs to the ``goals`` set (all / seen / held_out)."""
+        """Whether ``goal`` belongs to the ``goals`` set (a name of GOAL_SETS)."""
         if goals == "all":
             return True
-        return self.is_held_out(layout, goal) == (goals == "held_out")
+        split, held_out = GOAL_SPLITS[goals]
+        return self.is_held_out(layout, goal, split) == held_out
 
     def instruction(self, layout: Layout, goal: Goal) -> str:
         dst = layout.describe(goal.dst_slot) if goal.dst >= 0 else ""
@@ -206,6 +236,7 @@ class PickPlace(Task):
         "transfer the {src} to the {dst}",
     )
     held_out = color_cycle(1)  # red cube -> green bowl, green -> blue, blue -> yellow, yellow -> red
+    held_out_sets = color_matching(("red", "green"), ("blue", "yellow"))
 
     def sample_goal(self, layout, rng):
         return Goal(_pick(rng, CUBES), _pick(rng, BOWLS), 0, self._template(rng))
@@ -353,6 +384,7 @@ class Stack(Task):
         "pile the {src} onto the {dst}",
     )
     held_out = color_cycle(-1)  # red on yellow, green on red, blue on green, yellow on blue
+    held_out_sets = color_matching(("red", "yellow"), ("green", "blue"))  # none is pick_place's
 
     def sample_goal(self, layout, rng):
         src, dst = rng.choice(len(CUBES), size=2, replace=False)

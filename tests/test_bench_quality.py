@@ -18,12 +18,15 @@ from envs.tasks import TASKS
 from vla_ft.bench_quality import (
     DEFAULT_EVAL_SEED,
     build_report,
+    check_generalization,
+    generalization_overrides,
     generalization_setup,
     main,
     render_markdown,
     render_plot,
 )
 from vla_ft.config import load_config
+from vla_ft.errors import ConfigError
 from vla_ft.eval.scoring import wilson_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "compare"))
@@ -219,6 +222,33 @@ def test_generalization_setup_counts_held_out_demos_and_warns_only_for_goals_all
     assert seen["warnings"][0].startswith(f"{held} of the 6 demos in the data file(s) are held-out")
     none = generalization_setup(load_config("pick_place_heldout.yaml"), [str(tmp_path / "missing.hdf5")])
     assert none["held_out_demos"] is None and none["warnings"] == []
+
+
+def test_a_seen_sets_config_is_scored_on_the_held_out_color_sets(tmp_path):
+    """collect.goals: seen_sets: the held-out evaluation uses env.goals=held_out_sets and the report
+    lists both orders of each held-out color set; the demo count uses that split."""
+    import envs
+
+    env, held = envs.make("pick_place", render=False), 0
+    for seed in range(6):
+        env.reset(seed=seed)
+        held += TASKS["pick_place"].is_held_out(env.sim.layout, env.goal, "sets")
+    env.close()
+    _state_file(tmp_path / "d.hdf5", range(6))
+    cfg = load_config("pick_place_heldout_sets.yaml")
+    check_generalization(cfg)
+    assert generalization_overrides(cfg) == {
+        "held_out": "env.goals=held_out_sets", "paraphrase": "env.instructions=paraphrase",
+    }  # fmt: skip
+    assert (
+        generalization_overrides(load_config("pick_place_heldout.yaml"))["held_out"] == "env.goals=held_out"
+    )
+    setup = generalization_setup(cfg, [str(tmp_path / "d.hdf5")])
+    assert setup["split"] == "sets" and setup["kinds"]["held_out"] == "env.goals=held_out_sets"
+    assert setup["held_out_pairs"] == ["blue/yellow", "green/red", "red/green", "yellow/blue"]
+    assert setup["held_out_demos"] == [held, 6] and setup["warnings"][0].startswith(f"{held} of the 6 demos")
+    with pytest.raises(ConfigError, match=r"env\.goals=held_out_sets with the main evaluation"):
+        check_generalization(load_config("pick_place_heldout_sets.yaml", ["env.goals=held_out_sets"]))
 
 
 @pytest.mark.slow

@@ -182,31 +182,33 @@ def test_post_success_steps_record_the_release_after_the_success_step():
     env.close()
 
 
-def test_collect_goals_seen_writes_no_held_out_combination(tmp_path):
-    """collect.goals: seen: the attempts whose seed draws a held-out pair with goals=all get a seen goal
-    instead; the file records the goal set, and demos keep the training wordings."""
+@pytest.mark.parametrize("goals, split", [("seen", "pairs"), ("seen_sets", "sets")])
+def test_collect_goals_seen_writes_no_held_out_combination(tmp_path, goals, split):
+    """collect.goals: seen / seen_sets: the attempts whose seed draws a held-out combination of the
+    split with goals=all get a seen goal instead; the file records the goal set, and demos keep the
+    training wordings."""
     import envs
     from envs.env import is_held_out_state
     from envs.tasks import TASKS
 
     episodes = 6
     plain = envs.make("pick_place", render=False)
-    held_at_all = [s for s in range(episodes) if TASKS["pick_place"].is_held_out(*_goal_at(plain, s))]
+    held_at_all = [s for s in range(episodes) if TASKS["pick_place"].is_held_out(*_goal_at(plain, s), split)]
     plain.close()
-    assert held_at_all  # these seeds would have put a held-out pair into the file
+    assert held_at_all  # these seeds would have put a held-out combination into the file
     cfg, out = _cfg(
-        tmp_path, f"collect.episodes={episodes}", "collect.workers=1", "collect.goals=seen",
+        tmp_path, f"collect.episodes={episodes}", "collect.workers=1", f"collect.goals={goals}",
         "env.image_size=8", "env.cameras=[agentview]",
     )  # fmt: skip
     collect.run_collect(cfg)
     templates = TASKS["pick_place"].templates
     with h5py.File(out, "r") as f:
         data = f["data"]
-        assert json.loads(data.attrs["env_args"])["env_kwargs"]["goals"] == "seen"
+        assert json.loads(data.attrs["env_args"])["env_kwargs"]["goals"] == goals
         seeds = sorted(int(d.attrs["seed"]) for d in data.values())
         assert set(held_at_all) <= set(seeds)  # collected, with another goal
         for demo in data.values():
-            assert not is_held_out_state("pick_place", demo["states"][0])
+            assert not is_held_out_state("pick_place", demo["states"][0], split)
             assert int(round(demo["states"][0][3])) < len(templates)  # a training wording
 
 

@@ -107,7 +107,10 @@ def test_unknown_section_is_an_error():
         ("loss.task_terms={groundng: 1.0}", r"task_id, progress, waypoint, grounding"),
         ("env.goals=unseen", r"env\.goals: unknown value 'unseen'.*all, seen, held_out"),
         ("env.instructions=paraphrases", r"env\.instructions: .*did you mean 'paraphrase'"),
-        ("collect.goals=held_out", r"collect\.goals: unknown value 'held_out'.*choose one of all, seen$"),
+        (
+            "collect.goals=held_out",
+            r"collect\.goals: unknown value 'held_out'.*choose one of all, seen, seen_sets$",
+        ),
         ("env.tasks=[reach, push, reach]", r"env\.tasks=\[.*\] is invalid: name each task once \('reach'"),
         ("env.tasks=reach", r"env\.tasks: expected list of str"),
         (
@@ -147,6 +150,16 @@ def test_held_out_config_inherits_the_main_job_and_holds_out_its_demos():
     for section in ("model", "loss", "train", "eval"):
         assert getattr(held, section) == getattr(main, section), section
     assert held.collect.post_success_steps == main.collect.post_success_steps == 8
+
+
+def test_held_out_sets_config_differs_from_the_held_out_config_only_in_its_split():
+    held, sets = load_config("pick_place_heldout.yaml"), load_config("pick_place_heldout_sets.yaml")
+    assert sets.name == "pick_place_heldout_sets" and sets.collect.goals == sets.env.goals == "seen_sets"
+    assert sets.data.paths == [sets.collect.output] == ["data/pick_place_seen_sets.hdf5"]
+    assert dataclasses.replace(sets.env, goals="seen") == held.env
+    assert dataclasses.replace(sets.collect, goals="seen", output=held.collect.output) == held.collect
+    for section in ("model", "loss", "train", "eval"):
+        assert getattr(sets, section) == getattr(held, section), section
 
 
 def test_preflight_names_a_task_without_held_out_combinations():

@@ -21,7 +21,9 @@ With ``--generalization`` each ``best`` checkpoint is also scored on the same re
 ``env.goals=held_out`` (only the task's held-out (color, color) combinations, envs/tasks.py) and with
 ``env.instructions=paraphrase`` (wordings never in the demos; the layouts and goals are those of the
 main evaluation, only the wording differs). Held-out combinations are only held out when the
-config collects with ``collect.goals: seen`` (configs/pick_place_heldout.yaml); otherwise the report
+config collects with ``collect.goals: seen`` (configs/pick_place_heldout.yaml: ordered pairs whose
+reverse is in the demos) or ``seen_sets`` (configs/pick_place_heldout_sets.yaml: color sets never
+named together; scored with ``env.goals=held_out_sets``); with ``collect.goals: all`` the report
 header carries a warning, and it counts the demos of the file(s) that are held-out combinations.
 ``--target-heldout`` / ``--target-paraphrase`` judge the mean rate of those evaluations.
 
@@ -66,11 +68,14 @@ from vla_ft.provenance import git_commit, machine_info
 DEFAULT_EVAL_SEED = 200_000
 LOG_TAIL_LINES = 25
 PREFIX = "[bench_quality]"
-# --generalization: evaluation kind -> (the override it adds to the seed's config, its table column)
+# --generalization: evaluation kind -> (the override it adds to the seed's config, its table column).
+# The held-out goal set follows the split the demos were collected on (``held_out_goals``)
 GENERALIZATION = {
     "held_out": ("env.goals=held_out", "held-out combinations"),
     "paraphrase": ("env.instructions=paraphrase", "paraphrases"),
 }
+# collect.goals -> the split it holds out (envs/tasks.py GOAL_SPLITS) and the goal set scoring it
+SPLIT_OF_COLLECTION = {"seen_sets": ("sets", "held_out_sets")}
 # target name (--target-<name>) -> the generalization kind whose mean rate it judges
 GENERALIZATION_TARGETS = {"heldout": "held_out", "paraphrase": "paraphrase"}
 
@@ -107,6 +112,19 @@ def check_arguments(
             )
 
 
+def held_out_goals(cfg: Config) -> tuple[str, str]:
+    """(split, env.goals value) the held-out evaluation uses: the color sets when the demos were
+    collected with ``collect.goals: seen_sets``, else the ordered pairs (``held_out``)."""
+    return SPLIT_OF_COLLECTION.get(cfg.collect.goals, ("pairs", "held_out"))
+
+
+def generalization_overrides(cfg: Config) -> dict[str, str]:
+    """Generalization kind -> the override its evaluation adds to the seed's config."""
+    overrides = {kind: override for kind, (override, _) in GENERALIZATION.items()}
+    overrides["held_out"] = f"env.goals={held_out_goals(cfg)[1]}"
+    return overrides
+
+
 def check_generalization(cfg: Config) -> None:
     """``--generalization`` needs a task of this suite with held-out combinations, and a main
     evaluation that is not already on the held-out goals or the paraphrases."""
@@ -117,14 +135,15 @@ def check_generalization(cfg: Config) -> None:
         )
     from envs.tasks import TASKS
 
-    with_held_out = ", ".join(name for name, t in TASKS.items() if t.held_out)
-    if cfg.env.task not in TASKS or not TASKS[cfg.env.task].held_out:
+    split, goals = held_out_goals(cfg)
+    with_held_out = ", ".join(name for name, t in TASKS.items() if t.has_split(split))
+    if cfg.env.task not in TASKS or not TASKS[cfg.env.task].has_split(split):
         what = "has no held-out combinations" if cfg.env.task in TASKS else "is not a task of this suite"
         raise ConfigError(
             f"--generalization: env.task={cfg.env.task!r} {what} (tasks with held-out combinations: "
             f"{with_held_out}); drop --generalization or score one of those"
         )
-    for key, value in (("goals", "held_out"), ("instructions", "paraphrase")):
+    for key, value in (("goals", goals), ("instructions", "paraphrase")):
         if getattr(cfg.env, key) == value:
             raise ConfigError(
                 f"--generalization compares env.{key}={value} with the main evaluation, which the config "
@@ -132,9 +151,9 @@ def check_generalization(cfg: Config) -> None:
             )
 
 
-def held_out_demos(paths: Sequence[str]) -> tuple[int, int] | None:
-    """(demos whose goal is a held-out combination, demos read) over our own demo files, or None when
-    none of them records per-demo states of a task of this suite (robomimic/LIBERO files)."""
+def held_out_demos(paths: Sequence[str], split: str = "pairs") -> tuple[int, int] | None:
+    """(demos whose goal is a held-out combination of ``split``, demos read) over our own demo files,
+    or None when none of them records per-demo states of a task of this suite (robomimic/LIBERO files)."""
     import h5py
 
     from envs.env import is_held_out_state
@@ -150,7 +169,7 @@ def held_out_demos(paths: Sequence[str]) -> tuple[int, int] | None:
                     if task not in TASKS or "states" not in demo:
                         continue
                     total += 1
-                    held += is_held_out_state(task, demo["states"][0])
+                    held += is_held_out_state(task, demo["states"][0], split)
         except OSError:
             continue  # unreadable: the training job's dataset reader names the file and the problem
     return (held, total) if total else None
@@ -161,23 +180,32 @@ def generalization_setup(cfg: Config, paths: Sequence[str]) -> dict[str, Any]:
     collected, and warnings when the held-out combinations were not held out of them."""
     from envs.tasks import TASKS
 
-    counted = held_out_demos(paths)
+    split, goals = held_out_goals(cfg)
+    counted = held_out_demos(paths, split)
     warnings = []
-    if cfg.collect.goals != "seen":
+    if cfg.collect.goals == "all":
         warnings.append(
             f"the config collects its demos with collect.goals={cfg.collect.goals}: the held-out "
             f"combinations are in its training data, so the held-out rate is not a generalization "
-            f"measure; use a config that collects with collect.goals: seen (e.g. pick_place_heldout.yaml)"
+            f"measure; use a config that collects with collect.goals: seen or seen_sets (e.g. "
+            f"pick_place_heldout.yaml)"
         )
     if counted and counted[0]:
         warnings.append(
             f"{counted[0]} of the {counted[1]} demos in the data file(s) are held-out combinations "
             f"(collected with goals: all?)"
         )
+    task = TASKS[cfg.env.task]
+    pairs = (
+        task.held_out
+        if split == "pairs"
+        else [(a, b) for s in task.held_out_sets for a in s for b in s - {a}]
+    )
     return {
-        "kinds": {kind: override for kind, (override, _) in GENERALIZATION.items()},
+        "kinds": generalization_overrides(cfg),
         "collect_goals": cfg.collect.goals,
-        "held_out_pairs": sorted(f"{a}/{b}" for a, b in TASKS[cfg.env.task].held_out),
+        "split": split,
+        "held_out_pairs": sorted(f"{a}/{b}" for a, b in pairs),
         "held_out_demos": list(counted) if counted else None,
         "warnings": warnings,
     }
@@ -312,10 +340,16 @@ def score_checkpoint(
 
 
 def run_seed(
-    seed: int, values: dict[str, Any], out: Path, eval_seed: int, episodes: int, generalization: bool = False
+    seed: int,
+    values: dict[str, Any],
+    out: Path,
+    eval_seed: int,
+    episodes: int,
+    generalization: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train one seed, then score its ``best`` checkpoint on the fresh episodes (and, with
-    ``generalization``, on them again with each GENERALIZATION override); the seed's record.
+    ``generalization`` (kind -> override, ``generalization_overrides``), on them again with each
+    override); the seed's record.
 
     ``eval_wall_s`` is the wall time of all the seed's evaluation jobs together; each generalization
     record has its own.
@@ -358,7 +392,7 @@ def run_seed(
                 out / "logs" / f"{name}-eval-{kind}.log",
                 (override,),
             )
-            for kind, (override, _) in GENERALIZATION.items()
+            for kind, override in generalization.items()
         ]
     walls = 0.0
     for kind, eval_dir, log, overrides in jobs:
@@ -511,8 +545,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         counted = gen_setup.get("held_out_demos")
         demos = f"; {counted[0]} of the {counted[1]} demos are held-out combinations" if counted else ""
         lines.append(
-            f"- generalization: the same checkpoints on the same reset seeds with `env.goals=held_out` "
-            f"(only the held-out (named color / destination color) combinations: "
+            f"- generalization: the same checkpoints on the same reset seeds with "
+            f"`{gen_setup['kinds']['held_out']}` (only the held-out (named color / destination color) "
+            f"combinations{' (color sets never named together in the demos)' if gen_setup.get('split') == 'sets' else ''}: "
             f"{', '.join(gen_setup['held_out_pairs'])}) and with `env.instructions=paraphrase` (wordings "
             f"never in the demos; same layouts and goals as the main evaluation); demos collected with "
             f"`collect.goals: {gen_setup['collect_goals']}`{demos}"
@@ -717,7 +752,8 @@ def run_bench(
     failed = None
     for i, (seed, values) in enumerate(plans):
         print(f"{PREFIX} seed {seed} ({i + 1}/{len(plans)})", flush=True)
-        results[i] = res = run_seed(seed, values, out, eval_seed, episodes, generalization)
+        overrides = generalization_overrides(shared_cfg) if generalization else None
+        results[i] = res = run_seed(seed, values, out, eval_seed, episodes, overrides)
         if res["status"] == "ok":
             gen = "".join(
                 f", {GENERALIZATION[k][1]} {fmt_success(r)}"
@@ -800,7 +836,8 @@ def _parser() -> argparse.ArgumentParser:
         help=(
             "also score each best checkpoint on the same episodes with env.goals=held_out (the task's "
             "held-out color combinations; meaningful when the config collects with collect.goals: seen, "
-            "e.g. pick_place_heldout.yaml) and with env.instructions=paraphrase (unseen wordings)"
+            "e.g. pick_place_heldout.yaml; env.goals=held_out_sets when it collects with seen_sets, e.g. "
+            "pick_place_heldout_sets.yaml) and with env.instructions=paraphrase (unseen wordings)"
         ),
     )
     p.add_argument(

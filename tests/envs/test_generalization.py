@@ -28,12 +28,14 @@ def _pairs(task: str, goals: str, instructions: str = "train") -> list[tuple[str
     """(named color, destination color) of each seed's instruction."""
     env = _env(task, goals=goals, instructions=instructions)
     pairs = []
+    t = TASKS[task]
     for seed in SEEDS:
         _, info = env.reset(seed=seed)
         match = NAMED_PAIR.search(info["instruction"])
         assert match, info["instruction"]
         pairs.append(match.group(1, 2))
-        assert TASKS[task].is_held_out(env.sim.layout, env.goal) == (pairs[-1] in TASKS[task].held_out)
+        assert t.is_held_out(env.sim.layout, env.goal) == (pairs[-1] in t.held_out)
+        assert t.is_held_out(env.sim.layout, env.goal, "sets") == (frozenset(pairs[-1]) in t.held_out_sets)
     env.close()
     return pairs
 
@@ -54,13 +56,30 @@ def test_seen_and_held_out_goals_never_cross(task, n_pairs):
     assert 0.15 < np.mean([p in held_out for p in everything]) < 0.45  # 1/4 (pick_place), 1/3 (stack)
 
 
+@pytest.mark.parametrize("task, n_pairs", [("pick_place", 16), ("stack", 12)])
+def test_held_out_color_sets_are_never_named_together_in_seen_goals(task, n_pairs):
+    sets = TASKS[task].held_out_sets
+    # two sets that together name every color once: each color keeps partners in the demos
+    assert len(sets) == 2 and sorted(c for s in sets for c in s) == sorted(COLOR_NAMES)
+    both_orders = {(a, b) for s in sets for a in s for b in s - {a}}
+    seen = _pairs(task, "seen_sets")
+    only = _pairs(task, "held_out_sets")
+    assert not set(seen) & both_orders and set(only) == both_orders  # both orders occur, and only they
+    assert len(set(seen)) == n_pairs - 4  # every other pair does
+    for color in COLOR_NAMES:  # each color is still named, and still a destination, in seen goals
+        assert sum(a == color for a, _ in set(seen)) >= 2 and sum(b == color for _, b in set(seen)) >= 2
+    everything = _pairs(task, "all")
+    assert 0.15 < np.mean([p in both_orders for p in everything]) < 0.45  # 1/4 (pick_place), 1/3 (stack)
+
+
 def test_pick_place_and_stack_hold_out_different_color_pairs():
     assert not TASKS["pick_place"].held_out & TASKS["stack"].held_out
     assert ("red", "green") in TASKS["pick_place"].held_out and ("red", "yellow") in TASKS["stack"].held_out
+    assert not TASKS["pick_place"].held_out_sets & TASKS["stack"].held_out_sets
 
 
 def test_goal_sets_are_deterministic_per_seed():
-    for goals in ("all", "seen", "held_out"):
+    for goals in ("all", "seen", "held_out", "seen_sets", "held_out_sets"):
         a, b = _env("pick_place", goals=goals), _env("pick_place", goals=goals)
         for seed in (0, 5, 17):
             a.reset(seed=seed)
@@ -125,6 +144,10 @@ def test_state_round_trip_restores_a_paraphrase_and_a_held_out_goal():
     assert plain.get_state().tobytes() == state.tobytes()
     plain.reset(seed=3)
     assert not is_held_out_state("pick_place", plain.get_state())
+    sets = _env("pick_place", goals="held_out_sets")
+    sets.reset(seed=3)
+    assert is_held_out_state("pick_place", sets.get_state(), "sets")
+    sets.close()
     bad = state.copy()
     bad[GOAL_DIM - 1] = len(TASKS["pick_place"].wordings)
     with pytest.raises(envs.EnvError, match="wording index 7 is out of range: task 'pick_place' has 7"):
@@ -138,7 +161,16 @@ def test_state_round_trip_restores_a_paraphrase_and_a_held_out_goal():
     [
         ("reach", {"goals": "held_out"}, "goals='held_out': task 'reach' has no held-out combinations"),
         ("push", {"goals": "held_out"}, "only pick_place, stack have"),
-        ("pick_place", {"goals": "unseen"}, "goals='unseen' is invalid: use one of all, seen, held_out"),
+        (
+            "lift",
+            {"goals": "held_out_sets"},
+            "goals='held_out_sets': task 'lift' has no held-out combinations",
+        ),
+        (
+            "pick_place",
+            {"goals": "unseen"},
+            "goals='unseen' is invalid: use one of all, seen, held_out, seen_sets, held_out_sets",
+        ),
         (
             "pick_place",
             {"instructions": "para"},
@@ -151,13 +183,14 @@ def test_bad_goal_options_are_one_env_error(task, kwargs, message):
         _env(task, **kwargs)
 
 
-def test_tasks_without_held_out_combinations_accept_seen_and_paraphrases():
-    env = _env("reach", goals="seen", instructions="paraphrase")
+@pytest.mark.parametrize("goals", ["seen", "seen_sets"])
+def test_tasks_without_held_out_combinations_accept_seen_and_paraphrases(goals):
+    env = _env("reach", goals=goals, instructions="paraphrase")
     _, info = env.reset(seed=0)
     assert env.goal.template >= len(TASKS["reach"].templates)
     assert any(info["instruction"].startswith(p.split("{")[0]) for p in TASKS["reach"].paraphrases)
     kwargs = env.env_args()["env_kwargs"]  # written into collected files
-    assert (kwargs["goals"], kwargs["instructions"]) == ("seen", "paraphrase")
+    assert (kwargs["goals"], kwargs["instructions"]) == (goals, "paraphrase")
     env.close()
 
 

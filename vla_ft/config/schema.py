@@ -159,10 +159,11 @@ class CollectConfig:
     # keep recording the expert this many steps after success (e.g. the release and retreat of
     # pick_place: without them a demo holds 2 open-gripper frames and policies never let go)
     post_success_steps: int = 0
-    # which goals demos are collected on: all, or seen (never one of a task's held-out combinations,
-    # so env.goals=held_out scores what the demos left out; docs/envs.md). Demos always use the
+    # which goals demos are collected on: all, seen (never one of a task's held-out combinations,
+    # so env.goals=held_out scores what the demos left out) or seen_sets (never a held-out color set
+    # in either order: env.goals=held_out_sets scores those; docs/envs.md). Demos always use the
     # training wordings, never paraphrases
-    goals: Literal["all", "seen"] = "all"
+    goals: Literal["all", "seen", "seen_sets"] = "all"
 
     def episodes_for(self, task: str) -> int:
         """Successful episodes to keep of ``task`` (``episodes_per_task``, else ``episodes``)."""
@@ -212,8 +213,9 @@ class EnvConfig:
     cameras: list[str] = field(default_factory=lambda: ["agentview", "wrist"])
     max_steps: int | None = None  # None: the task's default
     # which goals episodes sample (type vla_ft; envs/tasks.py, docs/envs.md): all, seen (never one of
-    # the task's held-out color combinations) or held_out (only those; pick_place and stack have them)
-    goals: Literal["all", "seen", "held_out"] = "all"
+    # the task's held-out color combinations) or held_out (only those; pick_place and stack have them);
+    # seen_sets / held_out_sets: the same for the color sets held out in both orders
+    goals: Literal["all", "seen", "held_out", "seen_sets", "held_out_sets"] = "all"
     # which wordings instructions use: train (the templates demos are collected with) or paraphrase
     # (each task's paraphrases, never collected)
     instructions: Literal["train", "paraphrase"] = "train"
