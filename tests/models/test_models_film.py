@@ -366,6 +366,29 @@ def test_readout_knobs_apply_to_a_loaded_checkpoint_and_tensor_knobs_must_match(
         load_vla(ModelConfig(pretrained=base, extra={"keypoints": 4}), make_info())
 
 
+def test_a_knob_an_older_checkpoint_lacks_is_compared_with_what_it_was_built_with(tmp_path):
+    """A checkpoint written before a knob existed has no key for it in its arch: it was built with
+    the knob's old behaviour (loading.ABSENT_KNOBS), and a config asking for another value is refused
+    rather than silently ignored."""
+    import json
+
+    from vla_ft.integrity import write_manifest
+
+    _policy({**FILM, "keypoint_tokens": False}).eval().save_pretrained(tmp_path / "old")
+    meta_file = tmp_path / "old" / "config.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["arch"]["keypoint_tokens"]  # as written before keypoint tokens existed (built without)
+    meta_file.write_text(json.dumps(meta, indent=1))
+    write_manifest(tmp_path / "old")  # a consistent checkpoint as it was written then, not a damaged copy
+    old = str(tmp_path / "old")
+    load_vla(ModelConfig(pretrained=old, extra={"keypoint_tokens": False}), make_info())  # the same
+    with pytest.raises(
+        ConfigError,
+        match=r"keypoint_tokens=True: .* built with keypoint_tokens=False \(written before the knob",
+    ):
+        load_vla(ModelConfig(pretrained=old, extra={"keypoint_tokens": True}), make_info())
+
+
 def test_a_bc_cnn_checkpoint_refuses_another_architecture_knob(tmp_path):
     torch.manual_seed(0)
     load_vla(ModelConfig(preset="bc-cnn"), make_info()).eval().save_pretrained(tmp_path / "cnn")

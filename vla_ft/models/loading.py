@@ -51,6 +51,18 @@ ADAPTABLE = ("task_head.", "action_queries", "view_embed", "state_proj.", "state
 # tensors added after checkpoints of this format existed (zero-init or auxiliary): absent from an
 # older file, they keep their init
 LATER_TENSORS = ("task_head.waypoint.", "state_film.")
+# native knobs added after checkpoints of this format existed -> the value an older checkpoint,
+# whose arch lacks the key, was built with
+ABSENT_KNOBS = {
+    "keypoints": 0,
+    "film": False,
+    "keypoint_tokens": False,
+    "keypoint_window": 0,
+    "film_window": 0,
+}
+# native knobs that change how tensors are used, not which tensors exist: a config may set them
+# on a checkpoint (e.g. fine-tune the shipped base with a FiLM window); the rest come from it
+READOUT_KNOBS = ("keypoint_window", "film_window")
 
 
 def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
@@ -126,11 +138,12 @@ def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: s
         vision_pretrained,
         arch["channels_last"],
         cfg.trust_remote_code,
-        int(arch.get("keypoints", 0)),  # absent in checkpoints written before these options
-        bool(arch.get("film", False)),
-        bool(arch.get("keypoint_tokens", False)),
-        int(arch.get("keypoint_window", 0)),
-        int(arch.get("film_window", 0)),
+        # absent in checkpoints written before these options: ABSENT_KNOBS holds what they mean
+        int(arch.get("keypoints", ABSENT_KNOBS["keypoints"])),
+        bool(arch.get("film", ABSENT_KNOBS["film"])),
+        bool(arch.get("keypoint_tokens", ABSENT_KNOBS["keypoint_tokens"])),
+        int(arch.get("keypoint_window", ABSENT_KNOBS["keypoint_window"])),
+        int(arch.get("film_window", ABSENT_KNOBS["film_window"])),
     )
 
 
@@ -375,11 +388,6 @@ def from_pretrained(path: str | Path, cfg: ModelConfig | None = None, info: Any 
     return policy
 
 
-# native knobs that change how tensors are used, not which tensors exist: a config may set them
-# on a checkpoint (e.g. fine-tune the shipped base with a FiLM window); the rest come from it
-READOUT_KNOBS = ("keypoint_window", "film_window")
-
-
 def _with_readout_knobs(arch: dict[str, Any], cfg: ModelConfig, path: Path) -> dict[str, Any]:
     """The checkpoint's architecture with the config's readout knobs (``READOUT_KNOBS``, native
     checkpoints) applied.
@@ -391,13 +399,19 @@ def _with_readout_knobs(arch: dict[str, Any], cfg: ModelConfig, path: Path) -> d
     kind = arch.get("kind")
     readout = READOUT_KNOBS if kind == "native" else ()
     arch = dict(arch)
+    absent = ABSENT_KNOBS if kind == "native" else {}
     for key, value in cfg.extra.to_dict().items():
         if key in readout:
             arch[key] = value
-        elif key in MODEL_EXTRA_KNOBS.get(kind, ()) and key in arch and arch[key] != value:
+            continue
+        if key not in MODEL_EXTRA_KNOBS.get(kind, ()) or (key not in arch and key not in absent):
+            continue
+        saved = arch.get(key, absent.get(key))
+        if saved != value:
             changeable = ", ".join(readout) or "none"
+            built = f"{key}={saved!r}" + ("" if key in arch else " (written before the knob existed)")
             raise ConfigError(
-                f"model.extra.{key}={value!r}: the checkpoint {path} was built with {key}={arch[key]!r}, "
+                f"model.extra.{key}={value!r}: the checkpoint {path} was built with {built}, "
                 f"and this knob shapes its tensors, so it comes from the checkpoint; remove it from "
                 f"model.extra (knobs that can change on a {kind} checkpoint: {changeable}), or set "
                 f"model.pretrained=null to build model.preset from scratch"
