@@ -334,6 +334,7 @@ MODEL_EXTRA_KNOBS: dict[str, tuple[str, ...]] = {
         "keypoint_tokens",
         "keypoint_window",
         "film_window",
+        "trunk_window",
     ),
     "vlm": (),
     "cnn": (
@@ -373,6 +374,9 @@ class ModelExtra:
     # native: FiLM reads the instruction with each token attending to the previous film_window
     # tokens only (0: the whole instruction)
     film_window: int | None = None
+    # native: the instruction tokens of the policy's sequence attend to the previous trunk_window
+    # instruction tokens only (and to every image and state token; 0: the whole instruction)
+    trunk_window: int | None = None
     channels: list[int] | None = None  # cnn: conv widths, one per layer
     strides: list[int] | None = None  # cnn: conv strides, one per layer
     keypoint_features: int | None = None  # cnn: features the keypoints are mapped to

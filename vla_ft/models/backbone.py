@@ -81,6 +81,9 @@ class NativeBackbone(nn.Module):
         film_window: the FiLM conditioning reads the instruction with each token attending to itself
             and the ``film_window - 1`` tokens before it, in every layer (0: the whole instruction;
             see ``encode_text``).
+        trunk_window: the same for the instruction tokens of the policy's sequence (``forward``
+            with ``instruction``): each attends to the image and state tokens before it and to the
+            last ``trunk_window`` instruction tokens; the action queries still see everything.
     """
 
     def __init__(
@@ -97,18 +100,19 @@ class NativeBackbone(nn.Module):
         keypoint_tokens: bool = False,
         keypoint_window: int = 0,
         film_window: int = 0,
+        trunk_window: int = 0,
     ) -> None:
         super().__init__()
-        if film_window < 0:
-            raise ConfigError(
-                f"model.extra.film_window={film_window}: must be >= 0 (0: the whole instruction)"
-            )
+        for name, value in (("film_window", film_window), ("trunk_window", trunk_window)):
+            if value < 0:
+                raise ConfigError(f"model.extra.{name}={value}: must be >= 0 (0: the whole instruction)")
         if film_window and not film:
             raise ConfigError(
                 f"model.extra.film_window={film_window} shapes the FiLM conditioning, and this model has no "
                 "FiLM: set model.extra.film=true, or leave film_window unset"
             )
         self.film_window = int(film_window)
+        self.trunk_window = int(trunk_window)
         self.language = LanguageBackbone(language, trust_remote_code)
         d = self.language.hidden_size
         self.vision = TimmVisionEncoder(
@@ -159,7 +163,13 @@ class NativeBackbone(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language.embed_tokens(ids)  # (B, L, D)
 
-    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, mask: torch.Tensor, instruction: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """(B, N, D) sequence + (B, N) mask -> (B, N, D); ``instruction``: the (start, end) positions
+        of the instruction tokens, read through ``trunk_window`` when it is set."""
+        if self.trunk_window and instruction is not None:
+            return self.language(embeds, mask, window=self.trunk_window, span=instruction)
         return self.language(embeds, mask)  # (B, N, D)
 
     def set_gradient_checkpointing(self, enable: bool) -> None:

@@ -88,13 +88,20 @@ class LanguageBackbone(nn.Module):
         """(B, L) int64 -> (B, L, D)."""
         return self.model.get_input_embeddings()(ids)
 
-    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, window: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        window: int = 0,
+        span: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """(B, N, D) embeddings + (B, N) attention mask -> (B, N, D) final hidden states.
 
         ``window > 0``: each token attends only to the real tokens among itself and the
-        ``window - 1`` positions before it (a causal sliding window, :func:`window_mask`).
+        ``window - 1`` positions before it (a causal sliding window, :func:`window_mask`); with
+        ``span = (start, end)`` only among the tokens of that span, the rest attending causally.
         """
-        attn: torch.Tensor = mask if window <= 0 else window_mask(mask, window)
+        attn: torch.Tensor = mask if window <= 0 else window_mask(mask, window, span)
         out = self.model(
             inputs_embeds=embeds, attention_mask=attn, position_ids=packed_positions(mask), use_cache=False
         )
@@ -108,15 +115,22 @@ class LanguageBackbone(nn.Module):
         return transformer_depths(self.model, self.num_blocks)
 
 
-def window_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
+def window_mask(mask: torch.Tensor, window: int, span: tuple[int, int] | None = None) -> torch.Tensor:
     """(B, N) padding mask -> (B, 1, N, N) boolean attention mask (True: attend) of a causal
-    sliding window: query i sees key j when ``i - window < j <= i`` and j is a real token. Every
-    query also sees itself, so a padding row is never empty (softmax over nothing is NaN); padding
-    outputs are ignored by their callers. transformers uses a 4D mask as given."""
+    sliding window: query i sees key j when ``i - window < j <= i`` and j is a real token. With
+    ``span = (start, end)`` the window holds between two tokens of ``start <= i, j < end`` only:
+    every other pair attends causally (e.g. an instruction read in windows, with the image tokens
+    before it and the action queries after it seeing everything). Every query also sees itself, so
+    a padding row is never empty (softmax over nothing is NaN); padding outputs are ignored by
+    their callers. transformers uses a 4D mask as given."""
     n = mask.shape[1]
     idx = torch.arange(n, device=mask.device)
     offset = idx[:, None] - idx[None, :]  # (N, N) query minus key
-    band = (offset >= 0) & (offset < window)
+    band = offset < window
+    if span is not None:
+        inside = (idx >= span[0]) & (idx < span[1])
+        band = band | ~(inside[:, None] & inside[None, :])
+    band = band & (offset >= 0)
     keep = band[None] & mask.bool()[:, None, :]  # (B, N, N)
     keep = keep | torch.eye(n, dtype=torch.bool, device=mask.device)[None]
     return keep[:, None]

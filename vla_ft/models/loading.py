@@ -59,10 +59,11 @@ ABSENT_KNOBS = {
     "keypoint_tokens": False,
     "keypoint_window": 0,
     "film_window": 0,
+    "trunk_window": 0,
 }
 # native knobs that change how tensors are used, not which tensors exist: a config may set them
 # on a checkpoint (e.g. fine-tune the shipped base with a FiLM window); the rest come from it
-READOUT_KNOBS = ("keypoint_window", "film_window")
+READOUT_KNOBS = ("keypoint_window", "film_window", "trunk_window")
 
 
 def _size_overrides(text: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
@@ -122,6 +123,7 @@ def resolve_arch(cfg: ModelConfig) -> dict[str, Any]:
         "keypoint_tokens": knob(knobs.keypoint_tokens, preset.keypoint_tokens),
         "keypoint_window": knob(knobs.keypoint_window, preset.keypoint_window),
         "film_window": knob(knobs.film_window, preset.film_window),
+        "trunk_window": knob(knobs.trunk_window, preset.trunk_window),
         "language": language,
     }
 
@@ -144,6 +146,7 @@ def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: s
         bool(arch.get("keypoint_tokens", ABSENT_KNOBS["keypoint_tokens"])),
         int(arch.get("keypoint_window", ABSENT_KNOBS["keypoint_window"])),
         int(arch.get("film_window", ABSENT_KNOBS["film_window"])),
+        int(arch.get("trunk_window", ABSENT_KNOBS["trunk_window"])),
     )
 
 

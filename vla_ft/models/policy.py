@@ -172,8 +172,9 @@ class VLAPolicy(nn.Module):
 
     def _sequence(
         self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(input embeddings (B, N, D), attention mask (B, N), heat maps (B, K, P, h, w) or None)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """(input embeddings (B, N, D), attention mask (B, N), heat maps (B, K, P, h, w) or None,
+        (start, end) positions of the instruction tokens in the sequence)."""
         images = batch[IMAGES]  # (B, T, K, 3, H, W) uint8
         b, t, k = images.shape[:3]
         x = images.reshape(b * t * k, *images.shape[3:]).float() / 255.0
@@ -206,7 +207,7 @@ class VLAPolicy(nn.Module):
         ones = mask.new_ones
         n_pre = seq.shape[1] - ids.shape[1] - self.dims.chunk - 1
         attn = torch.cat([ones(b, n_pre), mask, ones(b, self.dims.chunk + 1)], dim=1)  # (B, N)
-        return seq, attn, heat
+        return seq, attn, heat, (n_pre, n_pre + ids.shape[1])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Predict the normalized action chunk and task outputs; the batch is not modified.
@@ -219,8 +220,11 @@ class VLAPolicy(nn.Module):
             OUT_PROGRESS (B,), OUT_WAYPOINT (B, 3), OUT_HIDDEN (B, N, D) [+ OUT_HEATMAP (B, K, Q, h, w)
             with a keypoint backbone].
         """
-        seq, attn, heat = self._sequence(batch)
-        hidden = self.backbone(seq, attn)  # (B, N, D)
+        seq, attn, heat, instruction = self._sequence(batch)
+        if getattr(self.backbone, "trunk_window", 0):  # native backbones: the instruction in windows
+            hidden = self.backbone(seq, attn, instruction=instruction)  # (B, N, D)
+        else:
+            hidden = self.backbone(seq, attn)
         h = self.dims.chunk
         queries = hidden[:, -h - 1 : -1].float()
         if self.cfg.action_head == "flow":  # trains on the target chunk when the batch has one

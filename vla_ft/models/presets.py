@@ -40,6 +40,8 @@ class Preset:
             whole map, a global soft-argmax).
         film_window: FiLM reads the instruction through a causal attention window of this many
             tokens in every language layer (0: each token sees the whole instruction before it).
+        trunk_window: the policy's sequence reads its instruction tokens through such a window too
+            (they still see every image token; the action queries see everything; 0: off).
         description: one line for listings.
     """
 
@@ -57,6 +59,7 @@ class Preset:
     keypoint_tokens: bool = False
     keypoint_window: int = 0
     film_window: int = 0
+    trunk_window: int = 0
     description: str = ""
 
 
