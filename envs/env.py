@@ -61,7 +61,7 @@ def check_goal_options(task: str, goals: str, instructions: str, prefix: str = "
         with_held_out = ", ".join(name for name, t in TASKS.items() if t.has_split(split))
         raise EnvError(
             f"{prefix}goals={goals!r}: task '{task}' has no held-out combinations (only {with_held_out} "
-            f"have); use {prefix}goals=all or seen"
+            f"have); use {prefix}goals=all or {'seen_sets' if split == 'sets' else 'seen'}"
         )
     return goals, instructions
 

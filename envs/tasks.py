@@ -35,6 +35,10 @@ Generalization (the env's ``goals`` and ``instructions`` options; docs/envs.md):
   both tasks: a policy trained on both sees every (named, destination) color pair somewhere. Every
   layout admits both a seen and a held-out goal (3 cube colors of 4, distinct bowl colors), so the
   goal is redrawn from the same generator on the same layout.
+* **Held-out color sets** (``goals: seen_sets`` / ``held_out_sets``, ``Task.held_out_sets``): two
+  color sets held out in both orders, so the two colors of a held-out goal are never named together
+  in the demos (pick_place {red, green} and {blue, yellow}; stack {red, yellow} and {green, blue}).
+  The ordered pairs above keep each reverse in the demos; this split asks only for new pairings.
 * **Paraphrases**: 3-4 wordings per task (``paraphrases``) whose verbs and phrasing appear in no
   training template of the task (``instructions: paraphrase``); collection never samples them.
 """

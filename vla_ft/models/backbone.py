@@ -82,8 +82,9 @@ class NativeBackbone(nn.Module):
             and the ``film_window - 1`` tokens before it, in every layer (0: the whole instruction;
             see ``encode_text``).
         trunk_window: the same for the instruction tokens of the policy's sequence (``forward``
-            with ``instruction``): each attends to the image and state tokens before it and to the
-            last ``trunk_window`` instruction tokens; the action queries still see everything.
+            with ``instruction``): each attends to the image and state tokens before it and to
+            itself and the ``trunk_window - 1`` instruction tokens before it; the action queries
+            still see everything.
     """
 
     def __init__(
