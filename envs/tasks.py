@@ -173,19 +173,20 @@ class Task:
             return None
         return layout.color_of(goal.src_slot), layout.color_of(goal.dst_slot)
 
+    def held_out_pairs(self, split: str = "pairs") -> frozenset[tuple[str, str]]:
+        """The (named color, destination color) pairs ``split`` holds out: ``held_out`` ("pairs"),
+        or both orders of each color set of ``held_out_sets`` ("sets")."""
+        if split == "sets":
+            return frozenset((a, b) for s in self.held_out_sets for a in s for b in s - {a})
+        return self.held_out
+
     def has_split(self, split: str) -> bool:
         """Whether the task holds anything out in ``split`` ("pairs" or "sets")."""
-        return bool(self.held_out_sets if split == "sets" else self.held_out)
+        return bool(self.held_out_pairs(split))
 
     def is_held_out(self, layout: Layout, goal: Goal, split: str = "pairs") -> bool:
-        """Whether the goal is one of the task's held-out combinations in ``split``: an ordered pair
-        of ``held_out`` ("pairs") or, in either order, a color set of ``held_out_sets`` ("sets")."""
-        combination = self.combination(layout, goal)
-        if combination is None:
-            return False
-        if split == "sets":
-            return frozenset(combination) in self.held_out_sets
-        return combination in self.held_out
+        """Whether the goal is one of the task's held-out combinations in ``split``."""
+        return self.combination(layout, goal) in self.held_out_pairs(split)
 
     def in_goal_set(self, layout: Layout, goal: Goal, goals: str) -> bool:
         """Whether ``goal`` belongs to the ``goals`` set (a name of GOAL_SETS)."""

@@ -195,17 +195,11 @@ def generalization_setup(cfg: Config, paths: Sequence[str]) -> dict[str, Any]:
             f"{counted[0]} of the {counted[1]} demos in the data file(s) are held-out combinations "
             f"(collected with goals: all?)"
         )
-    task = TASKS[cfg.env.task]
-    pairs = (
-        task.held_out
-        if split == "pairs"
-        else [(a, b) for s in task.held_out_sets for a in s for b in s - {a}]
-    )
     return {
         "kinds": generalization_overrides(cfg),
         "collect_goals": cfg.collect.goals,
         "split": split,
-        "held_out_pairs": sorted(f"{a}/{b}" for a, b in pairs),
+        "held_out_pairs": sorted(f"{a}/{b}" for a, b in TASKS[cfg.env.task].held_out_pairs(split)),
         "held_out_demos": list(counted) if counted else None,
         "warnings": warnings,
     }
@@ -750,9 +744,9 @@ def run_bench(
             print(f"{PREFIX} warning: {warning}", file=sys.stderr, flush=True)
     results: list[dict[str, Any]] = [{"seed": s, "status": "not run"} for s, _ in plans]
     failed = None
+    overrides = generalization_overrides(shared_cfg) if generalization else None
     for i, (seed, values) in enumerate(plans):
         print(f"{PREFIX} seed {seed} ({i + 1}/{len(plans)})", flush=True)
-        overrides = generalization_overrides(shared_cfg) if generalization else None
         results[i] = res = run_seed(seed, values, out, eval_seed, episodes, overrides)
         if res["status"] == "ok":
             gen = "".join(

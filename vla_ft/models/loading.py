@@ -52,7 +52,7 @@ ADAPTABLE = ("task_head.", "action_queries", "view_embed", "state_proj.", "state
 # older file, they keep their init
 LATER_TENSORS = ("task_head.waypoint.", "state_film.")
 # native knobs added after checkpoints of this format existed -> the value an older checkpoint,
-# whose arch lacks the key, was built with
+# whose arch lacks the key, was built with (each is a NativeBackbone argument of the same name)
 ABSENT_KNOBS = {
     "keypoints": 0,
     "film": False,
@@ -141,12 +141,7 @@ def _build_backbone(arch: dict[str, Any], cfg: ModelConfig, vision_pretrained: s
         arch["channels_last"],
         cfg.trust_remote_code,
         # absent in checkpoints written before these options: ABSENT_KNOBS holds what they mean
-        int(arch.get("keypoints", ABSENT_KNOBS["keypoints"])),
-        bool(arch.get("film", ABSENT_KNOBS["film"])),
-        bool(arch.get("keypoint_tokens", ABSENT_KNOBS["keypoint_tokens"])),
-        int(arch.get("keypoint_window", ABSENT_KNOBS["keypoint_window"])),
-        int(arch.get("film_window", ABSENT_KNOBS["film_window"])),
-        int(arch.get("trunk_window", ABSENT_KNOBS["trunk_window"])),
+        **{key: type(old)(arch.get(key, old)) for key, old in ABSENT_KNOBS.items()},
     )
 
 
